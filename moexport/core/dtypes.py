@@ -1,0 +1,55 @@
+"""Dtype names used across moexport and the parity tolerances written down per dtype (DESIGN.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moexport.core.errors import MoexportError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Parity tolerance: an element passes when |a - b| <= atol + rtol * |b|."""
+
+    rtol: float
+    atol: float
+
+
+# fp32: both sides accumulate in fp32, so only summation order differs.  Half types: one rounding of
+# the output alone is 2^-8 (bf16) or 2^-11 (fp16) relative, and intermediates are rounded too.
+TOLERANCES: dict[str, Tolerance] = {
+    "float32": Tolerance(rtol=1e-5, atol=1e-5),
+    "float16": Tolerance(rtol=1e-2, atol=1e-2),
+    "bfloat16": Tolerance(rtol=2e-2, atol=2e-2),
+}
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """Canonical name ('float32', 'float16', 'bfloat16') of a dtype given as a name, alias or torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in DTYPES.items():
+            if value == dtype:
+                return name
+        raise MoexportError(f"dtype={dtype}", "is not supported", f"use one of {', '.join(DTYPES)}")
+    name = _ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise MoexportError(f"dtype={dtype!r}", "is not supported", f"use one of {', '.join(DTYPES)}")
+    return name
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for a name, alias or torch dtype."""
+    return DTYPES[dtype_name(dtype)]
+
+
+def tolerance_for(dtype: str | torch.dtype) -> Tolerance:
+    """The parity tolerance of a dtype."""
+    return TOLERANCES[dtype_name(dtype)]

@@ -1,0 +1,76 @@
+"""Expert selection: the one routing rule every implementation of moexport follows.
+
+Rule (kernels, ONNX function bodies, ONNX Runtime and TensorRT kernels all implement exactly this):
+
+1. Router logits are computed in float32 (``x`` and ``expert_sel`` upcast, fp32 accumulation) whatever
+   the model dtype. The router is tiny (d x E), and half-precision logits would turn many routing
+   decisions into ties.
+2. Experts are ranked by their raw logit. Sigmoid and softmax are strictly increasing, so this is the
+   paper's top-k over scores, minus the artificial ties that rounding of saturated scores creates
+   (sigmoid(17) and sigmoid(25) are both 1.0 in float32).
+3. Equal logits: the lower expert index wins. The k selected experts are ordered best first, so slot j
+   of token n holds its j-th best expert (slot index n*k + j in the dispatch ops).
+4. Gate of the selected experts by `selection`:
+   ``sigmoid``: sigmoid(logit), no renormalisation (σ-MoE);
+   ``softmax``: softmax over all experts, gathered at the selected ones (not renormalised);
+   ``softmax_after_topk``: softmax over the k selected logits.
+"""
+from __future__ import annotations
+
+import torch
+
+from moexport.core.errors import MoexportError
+
+SELECTIONS = ("sigmoid", "softmax", "softmax_after_topk")
+
+
+def check_selection(selection: str) -> str:
+    if selection not in SELECTIONS:
+        raise MoexportError(f"selection={selection!r}", "is not a known selection mode",
+                            f"use one of {', '.join(SELECTIONS)}")
+    return selection
+
+
+def topk_lower_index(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries along the last dim, best first, lower index first among equals."""
+    # A stable descending sort keeps equal keys in index order; torch.topk makes no such promise.
+    return torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def route(logits: torch.Tensor, k: int, selection: str = "sigmoid", *,
+          drop_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select k experts per row of `logits` and compute their gates.
+
+    Args:
+        logits: Router logits [..., E], float32.
+        k: Experts per token.
+        selection: 'sigmoid', 'softmax' or 'softmax_after_topk'.
+        drop_mask: Expert dropout (training only): True where an expert is dropped for a token. A
+            dropped expert ranks below every kept one and, if still selected, gets gate 0.
+
+    Returns:
+        (gate [..., k] float32, expert [..., k] int64), best expert first.
+    """
+    check_selection(selection)
+    rank_key = logits if drop_mask is None else logits.masked_fill(drop_mask, float("-inf"))
+    expert = topk_lower_index(rank_key, k)
+    if selection == "softmax_after_topk":
+        gate = torch.softmax(rank_key.gather(-1, expert), dim=-1)
+        if drop_mask is not None:  # all k dropped: softmax of -inf is NaN; those slots get gate 0
+            gate = torch.nan_to_num(gate, nan=0.0)
+        return gate, expert
+    scores = torch.sigmoid(logits) if selection == "sigmoid" else torch.softmax(logits, dim=-1)
+    if drop_mask is not None:
+        scores = scores.masked_fill(drop_mask, 0.0)
+    return scores.gather(-1, expert), expert
+
+
+def entropy_regularizer(logits: torch.Tensor) -> torch.Tensor:
+    """−H(p̄): minus the entropy of the batch-mean routing distribution softmax(logits) (paper §1.4).
+
+    Minimising it spreads the tokens of a batch over the experts without making any single token's
+    routing uniform.
+    """
+    log_p = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+    log_mean = torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(log_p.shape[0])))
+    return (log_mean.exp() * log_mean).sum()
