@@ -1,0 +1,103 @@
+"""The `moexport` command: a thin layer over the Python API.
+
+Each subcommand is one function whose docstring is its help (the first line is its line in
+`moexport -h`) and whose body calls the public API in a few lines. Option groups that several
+subcommands share are defined once, below.
+
+Exit status: 0 success; 1 bad input (file, tensor, option; the message says which); 2 bad usage;
+3 a parity check FAILED.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console
+
+from moexport.core.errors import MoexportError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+console = Console(stderr=True)
+
+# name -> (function, add_arguments)
+SUBCOMMANDS: dict[str, tuple] = {}
+
+
+def subcommand(add_arguments=None):
+    """Register a function as a subcommand named after it (underscores become dashes)."""
+
+    def register(fn):
+        SUBCOMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = (fn, add_arguments or (lambda p: None))
+        return fn
+
+    return register
+
+
+# ---- shared option groups ------------------------------------------------------------------------
+
+def add_output_args(parser: argparse.ArgumentParser, *, required: bool = False, help: str = "Output path.") -> None:
+    parser.add_argument("-o", "--output", required=required, default=None, help=help)
+
+
+def add_precision_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fp16", dest="dtype", action="store_const", const="float16", help="Run in float16.")
+    group.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help="Run in bfloat16.")
+    parser.set_defaults(dtype=None)
+
+
+def add_tolerance_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--atol", type=float, default=None, help="Absolute tolerance. Defaults to the dtype's.")
+    parser.add_argument("--rtol", type=float, default=None, help="Relative tolerance. Defaults to the dtype's.")
+    parser.add_argument("--seed", type=int, default=None, help="Seed of the generated inputs. Defaults to 1.")
+
+
+# ---- subcommands ---------------------------------------------------------------------------------
+# (each room's subcommand lives here, a few lines calling that room's public API)
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moexport",
+        description="Export σ-MoE / PKM / Top-K models to ONNX, ONNX Runtime and TensorRT, with proof of parity.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show tracebacks of errors.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (fn, add_arguments) in SUBCOMMANDS.items():
+        doc = (fn.__doc__ or "").strip()
+        child = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(child)
+        child.set_defaults(_run=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return EXIT_USAGE
+    started = time.perf_counter()
+    try:
+        status = args._run(args) or EXIT_OK
+    except MoexportError as error:
+        if args.verbose:
+            console.print_exception()
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        status = EXIT_ERROR
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        status = EXIT_ERROR
+    if args.command in {"validate", "demo"}:
+        verdict = "PASSED" if status == EXIT_OK else "FAILED"
+        console.print(f"{verdict} | Runtime: {time.perf_counter() - started:.1f}s | Command: moexport "
+                      + " ".join(sys.argv[1:] if argv is None else argv), highlight=False)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
