@@ -1,0 +1,54 @@
+"""Writing benchmark results: one call gives a markdown table, a JSON file and (optionally) a plot."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of `rows` (dicts) restricted to `columns`, in that order."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: Sequence[dict[str, Any]], *, columns: Sequence[str], out_dir: str | os.PathLike,
+                  title: str, notes: str = "", environment: dict[str, Any] | None = None,
+                  plot: Callable[[Sequence[dict[str, Any]], Path], None] | None = None) -> dict[str, Path]:
+    """Write `<out_dir>/<name>.md`, `<name>.json` and, given `plot(rows, path)`, `<name>.png`.
+
+    Args:
+        name: File stem, e.g. "kernels_h200".
+        rows: One dict per measurement.
+        columns: Columns of the markdown table (the JSON keeps every key).
+        out_dir: Folder to write into (created).
+        title: Heading of the markdown file.
+        notes: Markdown placed under the table (method, floors, what the ratios mean).
+        environment: Machine/software facts recorded in both files. Defaults to host and time.
+        plot: Draws the rows into the given PNG path.
+
+    Returns:
+        The paths written, by kind ("md", "json", "png").
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    environment = {"host": platform.node(), "python": platform.python_version(),
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **(environment or {})}
+    paths = {"md": out / f"{name}.md", "json": out / f"{name}.json"}
+    env_lines = "\n".join(f"- {key}: {value}" for key, value in environment.items())
+    paths["md"].write_text(f"# {title}\n\n{env_lines}\n\n{markdown_table(rows, columns)}\n\n{notes}\n".rstrip() + "\n")
+    paths["json"].write_text(json.dumps({"title": title, "environment": environment, "rows": list(rows)}, indent=1))
+    if plot is not None:
+        paths["png"] = out / f"{name}.png"
+        plot(rows, paths["png"])
+    return paths
