@@ -1,18 +1,33 @@
 """The PyTorch reference models: every runtime is compared against these."""
 from moexport.models.activations import ACTIVATIONS
+from moexport.models.attention import RelativeAttention
 from moexport.models.base import KINDS, ConfigModule, build
+from moexport.models.mlp import DenseMLP, TopKMLP
+from moexport.models.pkm import PKM
+from moexport.models.presets import FFN_KINDS, PRESETS, from_preset, preset_config
 from moexport.models.routing import SELECTIONS, entropy_regularizer, route, topk_lower_index
 from moexport.models.sigma_moe import SigmaMoE, expert_mix
+from moexport.models.transformer import TransformerLayer, TransformerLM
 
 __all__ = [
     "ACTIVATIONS",
-    "SELECTIONS",
+    "FFN_KINDS",
     "KINDS",
+    "PRESETS",
+    "SELECTIONS",
     "ConfigModule",
+    "DenseMLP",
+    "PKM",
+    "RelativeAttention",
     "SigmaMoE",
+    "TopKMLP",
+    "TransformerLM",
+    "TransformerLayer",
     "build",
     "entropy_regularizer",
     "expert_mix",
+    "from_preset",
+    "preset_config",
     "route",
     "topk_lower_index",
 ]
