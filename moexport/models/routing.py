@@ -54,15 +54,26 @@ def route(logits: torch.Tensor, k: int, selection: str = "sigmoid", *,
     check_selection(selection)
     rank_key = logits if drop_mask is None else logits.masked_fill(drop_mask, float("-inf"))
     expert = topk_lower_index(rank_key, k)
+    return gates_of(logits, expert, selection, drop_mask=drop_mask), expert
+
+
+def gates_of(logits: torch.Tensor, expert: torch.Tensor, selection: str, *,
+             drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Gates [..., k] float32 of the selected `expert` [..., k] (int64) under rule 4 above.
+
+    Separate from the selection so that an implementation which ranks elsewhere (a kernel) computes
+    differentiable gates with the same rule.
+    """
     if selection == "softmax_after_topk":
+        rank_key = logits if drop_mask is None else logits.masked_fill(drop_mask, float("-inf"))
         gate = torch.softmax(rank_key.gather(-1, expert), dim=-1)
         if drop_mask is not None:  # all k dropped: softmax of -inf is NaN; those slots get gate 0
             gate = torch.nan_to_num(gate, nan=0.0)
-        return gate, expert
+        return gate
     scores = torch.sigmoid(logits) if selection == "sigmoid" else torch.softmax(logits, dim=-1)
     if drop_mask is not None:
         scores = scores.masked_fill(drop_mask, 0.0)
-    return scores.gather(-1, expert), expert
+    return scores.gather(-1, expert)
 
 
 def entropy_regularizer(logits: torch.Tensor) -> torch.Tensor:
