@@ -1,0 +1,65 @@
+"""Triton helpers shared by every kernel family: matrix product, activations, codes for constexprs.
+
+Importing this module imports triton; `moexport.kernels` imports it only when a kernel is used.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# The interpreter multiplies bfloat16 tiles as their raw uint16 bits (triton 3.9), so under
+# TRITON_INTERPRET=1 products are taken in float32. That is what the tensor cores compute too:
+# half-precision products are exact in float32 and the sum is accumulated in float32.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+SELECTIONS = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
+
+
+@triton.jit
+def mma(a, b):
+    """a @ b with float32 accumulation; float32 operands keep float32 accuracy (3 tf32 passes)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def activate(x, ACTIVATION: tl.constexpr):
+    """Hidden activation of a float32 tile (codes in ACTIVATIONS; GELU is the exact erf form)."""
+    if ACTIVATION == 1:
+        return tl.maximum(x, 0.0)
+    elif ACTIVATION == 2:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        return x / (1.0 + tl.exp(-x))
+    else:
+        return x
+
+
+@triton.jit
+def activate_grad(x, ACTIVATION: tl.constexpr):
+    """Derivative of `activate` at the pre-activation x (float32)."""
+    if ACTIVATION == 1:
+        return (x > 0.0).to(tl.float32)
+    elif ACTIVATION == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        return cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif ACTIVATION == 3:
+        s = 1.0 / (1.0 + tl.exp(-x))
+        return s * (1.0 + x * (1.0 - s))
+    else:
+        return tl.full(x.shape, 1.0, tl.float32)
+
+
+def activation_code(name: str | None) -> int:
+    return ACTIVATIONS["none" if name is None else name]
+
+
+def selection_code(name: str) -> int:
+    return SELECTIONS[name]

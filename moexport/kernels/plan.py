@@ -1,0 +1,349 @@
+"""Launch plans: each operation as a FIXED sequence of kernel launches, the one source of truth for
+every host (PyTorch through Triton's JIT, and the AOT cubin launcher the ONNX Runtime and TensorRT
+plugins use).
+
+A `Plan` names its input, output and workspace buffers with shapes, and lists `Step`s: a kernel,
+its grid, its runtime arguments (a buffer name, an integer expression, or None for a null
+pointer) and its compile-time constants. Shapes, grids and integer arguments are expressions over
+the plan's runtime symbols (the token count `N`, read off the input shapes, and symbols derived
+from it such as the slot count `S`), written in a tiny language every host can
+evaluate: integers, + - * // ( ) and cdiv(a, b), min(a, b), max(a, b). Nothing depends on data,
+so a host needs no synchronisation, and the sequence can run inside a CUDA graph or a TensorRT
+enqueue with a workspace whose size is a function of N.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moexport.core.errors import MoexportError
+from moexport.kernels.configs import DECODE_MAX_TOKENS, bucket, pow2, tile_config
+
+ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+SELECTION_CODES = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A tensor of a plan: dtype name ('float32', 'int32', 'float16', 'bfloat16') and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[str, ...]
+    zero: bool = False  # filled with zeros before the first step (a memset in the sequence)
+    strided: bool = False  # strides are compile-time constants of the steps, not row-major
+
+
+@dataclass(frozen=True)
+class Step:
+    kernel: str  # "<module>.<function>" inside moexport.kernels
+    grid: tuple[str, ...]
+    args: dict[str, str | None]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    inputs: tuple[Buffer, ...]
+    outputs: tuple[Buffer, ...]
+    workspace: tuple[Buffer, ...]
+    steps: tuple[Step, ...]
+    # symbols computed from the ones read off input shapes, in order, e.g. (("S", "N * 4"),)
+    derived: tuple[tuple[str, str], ...] = ()
+    # the configs were chosen for token counts up to this; the decode plan cannot run more
+    max_tokens: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def buffer(self, name: str) -> Buffer:
+        for b in (*self.inputs, *self.outputs, *self.workspace):
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+
+_EXPR_NAMES = {"cdiv": lambda a, b: -(-a // b), "min": min, "max": max}
+
+
+def evaluate(expr: str | int, symbols: dict[str, int]) -> int:
+    """Value of a plan expression for the given symbols (e.g. {'N': 4096})."""
+    if isinstance(expr, int):
+        return expr
+    return int(eval(expr, {"__builtins__": {}, **_EXPR_NAMES}, dict(symbols)))  # noqa: S307 - plan text only
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """What a plan needs to know of a σ-MoE layer."""
+
+    d: int
+    n_experts: int
+    expert_size: int
+    v_dim: int
+    k: int
+    dtype: str
+    selection: str = "sigmoid"
+    activation: str = "relu"
+    bias: bool = False
+
+    @classmethod
+    def of(cls, layer, dtype: str) -> "MoEShape":
+        return cls(layer.d_model, layer.n_experts, layer.expert_size, layer.v_dim, layer.k, dtype,
+                   layer.selection, layer.activation, layer.bias is not None)
+
+
+def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: bool = False) -> Step:
+    cfg = tile_config("route", s.d, s.n_experts, n, rows_per_expert=0)
+    has_x = source == "x"
+    return Step(
+        "routing.route_kernel", (f"cdiv(N, {cfg['BLOCK_N']})",),
+        {"x_ptr": "x" if has_x else None, "sel_ptr": "expert_sel" if has_x else None,
+         "logits_ptr": "logits" if (not has_x or logits_out) else None,
+         "gate_ptr": "gate", "expert_ptr": "expert", "counts_ptr": "counts" if counts else None, "N": "N"},
+        {"E": s.n_experts, "D": s.d, "K": s.k, "SELECTION": SELECTION_CODES[s.selection], "HAS_X": has_x,
+         "STORE_LOGITS": logits_out, "STORE_COUNTS": counts, "BLOCK_N": cfg["BLOCK_N"],
+         "BLOCK_E": pow2(s.n_experts), "BLOCK_K": pow2(s.k, 1), "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d))},
+        cfg["num_warps"], cfg["num_stages"])
+
+
+def _dispatch_steps(s: MoEShape, n: int, route_block: int, tile_m: int) -> tuple[Step, ...]:
+    return (Step(
+        "routing.dispatch_kernel", (f"cdiv(N, {route_block})",),
+        {"expert_ptr": "expert", "counts_ptr": "counts", "sorted_expert_ptr": "sorted_expert",
+         "sorted_slot_ptr": "sorted_slot", "offsets_ptr": "offsets", "tile_map_ptr": "tile_map", "N": "N"},
+        {"E": s.n_experts, "K": s.k, "TILE_M": tile_m, "BLOCK_N": route_block, "BLOCK_E": pow2(s.n_experts),
+         "BLOCK_C": 32, "SUB": 64}, 4, 2),)
+
+
+def _cvmm_step(*, x: str, w: str, out: str, e: int, k_in: int, n_out: int, w_strides: tuple[int, int, int],
+               cfg: dict, tile_m: int, src: str | None = None, src_div: int = 1, dst: str | None = None,
+               dst_div: int = 1, gate: str | None = None, gate_by_dst: bool = False, bias: str | None = None,
+               pre_out: str | None = None, h: str | None = None, pre: str | None = None,
+               dgate: str | None = None, activation: str = "none", epilogue: int = 0) -> Step:
+    block_n = min(cfg["BLOCK_N"], pow2(n_out))
+    n_col = -(-n_out // block_n)
+    return Step(
+        "cvmm.cvmm_kernel", (f"(cdiv(S, {tile_m}) + {e}) * {n_col}",),
+        {"x_ptr": x, "w_ptr": w, "offsets_ptr": "offsets", "tile_map_ptr": "tile_map", "src_ptr": src,
+         "dst_ptr": dst, "gate_ptr": gate, "bias_ptr": bias, "h_ptr": h, "pre_ptr": pre, "out_ptr": out,
+         "pre_out_ptr": pre_out, "dgate_ptr": dgate},
+        {"E": e, "K_IN": k_in, "N_OUT": n_out, "stride_we": w_strides[0], "stride_wk": w_strides[1],
+         "stride_wn": w_strides[2], "SRC_DIV": src_div, "DST_DIV": dst_div, "GATE_BY_DST": gate_by_dst,
+         "ACTIVATION": ACTIVATION_CODES[activation], "EPILOGUE": epilogue, "BLOCK_M": tile_m,
+         "BLOCK_N": block_n, "BLOCK_K": min(cfg["BLOCK_K"], pow2(k_in))},
+        cfg["num_warps"], cfg["num_stages"])
+
+
+def _finalize_step(acc: str, bias: str | None, out: str, width: int) -> Step:
+    return Step("cvmm.finalize_kernel", (f"cdiv(N * {width}, 1024)",),
+                {"acc_ptr": acc, "bias_ptr": bias, "out_ptr": out, "N": "N"}, {"D": width, "BLOCK": 1024}, 4, 1)
+
+
+def _tile_m(s: MoEShape, n: int) -> int:
+    return tile_config("up", s.d, s.expert_size, n, rows_per_expert=n * s.k // s.n_experts)["BLOCK_M"]
+
+
+def _expert_steps(s: MoEShape, n: int, tile_m: int, *, keep_pre: bool) -> tuple[tuple[Step, ...], tuple[Buffer, ...]]:
+    """Up projection (gathered token rows -> h in sorted order) and down projection into float32 y."""
+    E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
+    rows = n * s.k // E
+    up = _cvmm_step(x="x", w="keys", out="h", e=E, k_in=d, n_out=G, w_strides=(d * G, G, 1),
+                    cfg=tile_config("up", d, G, n, rows_per_expert=rows), tile_m=tile_m, src="sorted_slot",
+                    src_div=s.k, bias="bias" if s.bias else None, pre_out="pre" if keep_pre else None,
+                    activation=s.activation)
+    # float32 without output bias: the accumulator is y itself (zero-filled), no finalize pass
+    direct = s.dtype == "float32" and not s.bias
+    down = _cvmm_step(x="h", w="values", out="y" if direct else "acc", e=E, k_in=G, n_out=dv,
+                      w_strides=(G * dv, dv, 1), cfg=tile_config("down", G, dv, n, rows_per_expert=rows),
+                      tile_m=tile_m, dst="sorted_slot", dst_div=s.k, gate="gate", gate_by_dst=True, epilogue=1)
+    steps = (up, down) if direct else (up, down, _finalize_step("acc", "o_bias" if s.bias else None, "y", dv))
+    workspace = (Buffer("h", s.dtype, ("S", str(G))),)
+    if keep_pre:
+        workspace += (Buffer("pre", "float32", ("S", str(G))),)
+    if not direct:
+        workspace += (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
+    return steps, workspace
+
+
+def _plan_buffers(s: MoEShape, n: int, tile_m: int, route_block: int) -> tuple[Buffer, ...]:
+    E = s.n_experts
+    return (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))),
+            Buffer("counts", "int32", (f"cdiv(N, {route_block})", str(E))),
+            Buffer("sorted_expert", "int32", ("S",)), Buffer("sorted_slot", "int32", ("S",)),
+            Buffer("offsets", "int32", (str(E + 1),)),
+            Buffer("tile_map", "int32", (f"1 + cdiv(S, {tile_m}) + {E}",)))
+
+
+def _layer_inputs(s: MoEShape, *, with_x: bool = True) -> tuple[Buffer, ...]:
+    E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
+    out = (Buffer("x", s.dtype, ("N", str(d))),) if with_x else ()
+    out += (Buffer("expert_sel", s.dtype, (str(E), str(d))), Buffer("keys", s.dtype, (str(E), str(d), str(G))),
+            Buffer("values", s.dtype, (str(E), str(G), str(dv))))
+    if s.bias:
+        out += (Buffer("bias", s.dtype, (str(E), str(G))), Buffer("o_bias", s.dtype, (str(dv),)))
+    return out
+
+
+def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
+    """Inference forward of a σ-MoE layer for token counts in n_tokens' bucket.
+
+    Up to DECODE_MAX_TOKENS tokens: route -> decode_up -> decode_down (3 launches). Otherwise:
+    route (+ chunk histograms) -> dispatch -> up CVMM -> down CVMM (float32 atomics) -> finalize.
+    """
+    n = bucket(n_tokens)
+    y_zero = s.dtype == "float32" and not s.bias
+    if n <= DECODE_MAX_TOKENS:
+        return _decode_plan(s, n)
+    route = _route_step(s, n, source="x", counts=True)
+    tile_m = _tile_m(s, n)
+    experts, workspace = _expert_steps(s, n, tile_m, keep_pre=False)
+    return Plan("sigma_moe", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(s.v_dim)), zero=y_zero),),
+                _plan_buffers(s, n, tile_m, route.constexprs["BLOCK_N"]) + workspace,
+                (route,) + _dispatch_steps(s, n, route.constexprs["BLOCK_N"], tile_m) + experts,
+                derived=(("S", f"N * {s.k}"),), max_tokens=n)
+
+
+def _decode_plan(s: MoEShape, n: int) -> Plan:
+    E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
+    cfg = tile_config("decode", d, dv, n, rows_per_expert=0)
+    block_t, block_k = cfg["BLOCK_T"], pow2(s.k, 1)
+    block_g = min(cfg["BLOCK_G"], pow2(G))
+    up = Step("decode.decode_up_kernel", (str(E), str(-(-G // block_g))),
+              {"x_ptr": "x", "expert_ptr": "expert", "w_ptr": "keys", "bias_ptr": "bias" if s.bias else None,
+               "h_ptr": "h", "N": "N"},
+              {"E": E, "D": d, "G": G, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation], "BLOCK_T": block_t,
+               "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(d)), "BLOCK_K": block_k},
+              cfg["num_warps"], cfg["num_stages"])
+    block_n = min(cfg["BLOCK_N"], pow2(dv))
+    down = Step("decode.decode_down_kernel", (str(-(-dv // block_n)),),
+                {"h_ptr": "h", "gate_ptr": "gate", "expert_ptr": "expert", "w_ptr": "values",
+                 "obias_ptr": "o_bias" if s.bias else None, "y_ptr": "y", "N": "N"},
+                {"E": E, "G": G, "DV": dv, "K": s.k, "BLOCK_T": block_t, "BLOCK_N": block_n,
+                 "BLOCK_G": min(64, pow2(G)), "BLOCK_K": block_k}, cfg["num_warps"], cfg["num_stages"])
+    route = _route_step(s, n, source="x", counts=False)
+    workspace = (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))),
+                 Buffer("h", s.dtype, (str(E * block_t), str(G))))
+    return Plan("sigma_moe_decode", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(dv))),), workspace,
+                (route, up, down), max_tokens=block_t, notes={"decode": True})
+
+
+def topk_dispatch_plan(n_experts: int, k: int, selection: str, n_tokens: int, *, tile_m: int = 64) -> Plan:
+    """The TopKDispatch op: float32 logits [N, E] -> gate, expert, sorted_expert, sorted_slot."""
+    s = MoEShape(1, n_experts, 1, 1, k, "float32", selection)
+    n = bucket(n_tokens)
+    route = _route_step(s, n, source="logits", counts=True)
+    outputs = (Buffer("gate", "float32", ("N", str(k))), Buffer("expert", "int32", ("N", str(k))),
+               Buffer("sorted_expert", "int32", ("S",)), Buffer("sorted_slot", "int32", ("S",)))
+    workspace = tuple(b for b in _plan_buffers(s, n, tile_m, route.constexprs["BLOCK_N"])
+                      if b.name not in {o.name for o in outputs})
+    return Plan("topk_dispatch", (Buffer("logits", "float32", ("N", str(n_experts))),), outputs, workspace,
+                (route,) + _dispatch_steps(s, n, route.constexprs["BLOCK_N"], tile_m),
+                derived=(("S", f"N * {k}"),), max_tokens=n)
+
+
+def cvmm_plan(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: bool, k: int, gate: bool,
+              n_rows: int, w_strides: tuple[int, int, int] | None = None) -> Plan:
+    """The CVMM op over S sorted rows: out[dst] = (gate *) x[src] @ W[e], or summed into dst // k."""
+    E = n_experts
+    w_strides = w_strides or (d_in * d_out, d_out, 1)
+    rows = max(1, n_rows // E)
+    cfg = tile_config("down" if reduce else "up", d_in, d_out, max(1, n_rows // k), rows_per_expert=rows)
+    tile_m = cfg["BLOCK_M"]
+    offsets = Step("routing.offsets_kernel", ("32",),
+                   {"sorted_expert_ptr": "sorted_expert", "offsets_ptr": "offsets", "tile_map_ptr": "tile_map",
+                    "S": "S"}, {"E": E, "TILE_M": tile_m, "BLOCK_E": pow2(E)}, 4, 1)
+    out_rows = "cdiv(S, %d)" % k if reduce else "S"
+    direct = dtype == "float32" or not reduce
+    main = _cvmm_step(x="x", w="w", out="out" if direct else "acc", e=E, k_in=d_in, n_out=d_out, w_strides=w_strides,
+                      cfg=cfg, tile_m=tile_m, src="src_row", dst="dst_row", dst_div=k if reduce else 1,
+                      gate="gate" if gate else None, epilogue=1 if reduce else 0)
+    steps = (offsets, main)
+    workspace = (Buffer("offsets", "int32", (str(E + 1),)),
+                 Buffer("tile_map", "int32", (f"1 + cdiv(S, {tile_m}) + {E}",)))
+    if not direct:
+        steps += (_finalize_step("acc", None, "out", d_out),)
+        workspace += (Buffer("acc", "float32", (out_rows, str(d_out)), zero=True),)
+    inputs = (Buffer("x", dtype, ("R", str(d_in))), Buffer("sorted_expert", "int32", ("S",)),
+              Buffer("src_row", "int32", ("S",)), Buffer("dst_row", "int32", ("S",)),
+              Buffer("w", dtype, (str(E), str(d_in), str(d_out)), strided=True))
+    if gate:
+        inputs += (Buffer("gate", "float32", ("S",)),)
+    outputs = (Buffer("out", dtype, (out_rows, str(d_out)), zero=reduce and direct),)
+    return Plan("cvmm", inputs, outputs, workspace, steps, derived=(("N", f"cdiv(S, {k})"),),
+                max_tokens=bucket(n_rows))
+
+
+def route_plan(s: MoEShape, n_tokens: int) -> Plan:
+    """Training routing: top-k of a float32 rank key [N, E] (logits, dropped experts at -inf)."""
+    n = bucket(n_tokens)
+    route = _route_step(s, n, source="logits", counts=True)
+    return Plan("route", (Buffer("logits", "float32", ("N", str(s.n_experts))),),
+                (Buffer("expert", "int32", ("N", str(s.k))),
+                 Buffer("counts", "int32", (f"cdiv(N, {route.constexprs['BLOCK_N']})", str(s.n_experts)))),
+                (Buffer("gate", "float32", ("N", str(s.k))),), (route,), max_tokens=n)
+
+
+_SAVED = ("sorted_expert", "sorted_slot", "offsets", "tile_map", "h", "pre")
+
+
+def train_forward_plan(s: MoEShape, n_tokens: int) -> Plan:
+    """Training forward of the experts given routing (expert, counts from `route_plan`) and gates;
+    also outputs what the backward needs (dispatch plan, h, float32 pre-activation)."""
+    n = bucket(n_tokens)
+    route_block = tile_config("route", s.d, s.n_experts, n, rows_per_expert=0)["BLOCK_N"]
+    tile_m = _tile_m(s, n)
+    experts, workspace = _expert_steps(s, n, tile_m, keep_pre=True)
+    plan_buffers = _plan_buffers(s, n, tile_m, route_block) + workspace
+    saved = tuple(b for b in plan_buffers if b.name in _SAVED)
+    inputs = (Buffer("x", s.dtype, ("N", str(s.d))), Buffer("gate", "float32", ("N", str(s.k))),
+              Buffer("expert", "int32", ("N", str(s.k))),
+              Buffer("counts", "int32", (f"cdiv(N, {route_block})", str(s.n_experts)))) + _layer_inputs(s, with_x=False)
+    y = Buffer("y", s.dtype, ("N", str(s.v_dim)), zero=s.dtype == "float32" and not s.bias)
+    return Plan("sigma_moe_train", inputs, (y,) + saved,
+                tuple(b for b in plan_buffers if b.name not in _SAVED and b.name not in {"gate", "expert", "counts"}),
+                _dispatch_steps(s, n, route_block, tile_m) + experts, derived=(("S", f"N * {s.k}"),), max_tokens=n)
+
+
+def backward_plan(s: MoEShape, n_tokens: int) -> Plan:
+    """Gradients of the experts: dx, dgate [N, k], dkeys, dvalues, and dpre [S, G] in sorted order
+    (the hidden bias gradient is its per-expert column sum)."""
+    n = bucket(n_tokens)
+    E, d, G, dv, k = s.n_experts, s.d, s.expert_size, s.v_dim, s.k
+    tile_m = _tile_m(s, n)
+    rows = n * k // E
+    dh = _cvmm_step(x="dy", w="values", out="dpre", e=E, k_in=dv, n_out=G, w_strides=(G * dv, 1, dv),
+                    cfg=tile_config("up", dv, G, n, rows_per_expert=rows), tile_m=tile_m, src="sorted_slot",
+                    src_div=k, dst="sorted_slot", gate="gate", gate_by_dst=True, h="h", pre="pre", dgate="dgate",
+                    activation=s.activation, epilogue=2)
+    dx_direct = s.dtype == "float32"
+    dx = _cvmm_step(x="dpre", w="keys", out="dx" if dx_direct else "acc", e=E, k_in=G, n_out=d,
+                    w_strides=(d * G, 1, G), cfg=tile_config("down", G, d, n, rows_per_expert=rows), tile_m=tile_m,
+                    dst="sorted_slot", dst_div=k, epilogue=1)
+    wcfg = tile_config("wgrad", G, dv, n, rows_per_expert=rows)
+
+    def wgrad(a: str, b: str, out: str, m_dim: int, n_dim: int, **index) -> Step:
+        bm, bn = min(wcfg["BLOCK_M"], pow2(m_dim)), min(wcfg["BLOCK_N"], pow2(n_dim))
+        return Step("cvmm.wgrad_kernel", (str(-(-m_dim // bm) * -(-n_dim // bn)), str(E)),
+                    {"a_ptr": a, "b_ptr": b, "offsets_ptr": "offsets", "a_idx_ptr": index.get("a_idx"),
+                     "b_idx_ptr": index.get("b_idx"), "scale_ptr": index.get("scale"), "out_ptr": out},
+                    {"E": E, "M_DIM": m_dim, "N_DIM": n_dim, "A_DIV": index.get("a_div", 1),
+                     "B_DIV": index.get("b_div", 1), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": wcfg["BLOCK_K"]},
+                    wcfg["num_warps"], wcfg["num_stages"])
+
+    steps = (dh, wgrad("h", "dy", "dvalues", G, dv, b_idx="sorted_slot", b_div=k, scale="gate"),
+             wgrad("x", "dpre", "dkeys", d, G, a_idx="sorted_slot", a_div=k), dx)
+    workspace = ()
+    if not dx_direct:
+        steps += (_finalize_step("acc", None, "dx", d),)
+        workspace += (Buffer("acc", "float32", ("N", str(d)), zero=True),)
+    inputs = (Buffer("dy", s.dtype, ("N", str(dv))), Buffer("x", s.dtype, ("N", str(d))),
+              Buffer("gate", "float32", ("N", str(k))), Buffer("sorted_slot", "int32", ("S",)),
+              Buffer("offsets", "int32", (str(E + 1),)), Buffer("tile_map", "int32", (f"1 + cdiv(S, {tile_m}) + {E}",)),
+              Buffer("h", s.dtype, ("S", str(G))), Buffer("pre", "float32", ("S", str(G))),
+              Buffer("keys", s.dtype, (str(E), str(d), str(G))), Buffer("values", s.dtype, (str(E), str(G), str(dv))))
+    outputs = (Buffer("dx", s.dtype, ("N", str(d)), zero=dx_direct), Buffer("dgate", "float32", ("N", str(k)), zero=True),
+               Buffer("dkeys", s.dtype, (str(E), str(d), str(G))), Buffer("dvalues", s.dtype, (str(E), str(G), str(dv))),
+               Buffer("dpre", s.dtype, ("S", str(G))))
+    return Plan("sigma_moe_backward", inputs, outputs, workspace, steps, derived=(("S", f"N * {k}"),), max_tokens=n)

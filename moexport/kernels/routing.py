@@ -1,0 +1,181 @@
+"""Routing kernels: router logits, top-k with the moexport tie rule, gates, and the dispatch plan.
+
+The rule is `moexport.models.routing`'s: rank by the float32 logit, equal logits go to the lower
+expert index, the k slots of a token best first (slot n*k + j). The dispatch plan is a stable
+counting sort of the slots by expert, in two launches and without a device-wide sort:
+
+1. `route_kernel`, one program per chunk of BLOCK_N tokens: logits (optionally x @ expert_sel^T),
+   top-k, gates, and the chunk's histogram of experts `counts[chunk, e]`.
+2. `dispatch_kernel`, one program per chunk: the chunk's base offset per expert (experts below it
+   plus earlier chunks, from `counts`) plus each slot's rank among the chunk's slots of the same
+   expert gives its sorted position; program 0 also writes the per-expert row offsets [E + 1], and
+   all programs share the writing of the tile map of the grouped GEMMs (`write_tile_map`).
+
+Both grids depend on the token count only, so the sequence can run inside a CUDA graph or a
+TensorRT enqueue.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moexport.kernels._jit import mma
+
+
+@triton.jit
+def route_kernel(
+    # inputs: tokens and router weight (HAS_X), or precomputed float32 logits
+    x_ptr, sel_ptr, logits_ptr,
+    # outputs
+    gate_ptr, expert_ptr, counts_ptr,
+    N,
+    E: tl.constexpr, D: tl.constexpr, K: tl.constexpr, SELECTION: tl.constexpr,
+    HAS_X: tl.constexpr, STORE_LOGITS: tl.constexpr, STORE_COUNTS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < N
+    col_ok = cols < E
+    if HAS_X:
+        # Half-precision products are exact in float32, so the tensor cores give float32 logits.
+        logits = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            xt = tl.load(x_ptr + rows[:, None] * D + dd[None, :],
+                         mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+            st = tl.load(sel_ptr + cols[None, :] * D + dd[:, None],
+                         mask=col_ok[None, :] & (dd[:, None] < D), other=0.0)
+            logits += mma(xt, st)
+        if STORE_LOGITS:
+            tl.store(logits_ptr + rows[:, None] * E + cols[None, :], logits,
+                     mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        logits = tl.load(logits_ptr + rows[:, None] * E + cols[None, :],
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    taken = tl.broadcast_to(cols[None, :] >= E, (BLOCK_N, BLOCK_E))
+    kk = tl.arange(0, BLOCK_K)
+    top_v = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    top_i = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    top0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for j in tl.static_range(K):
+        v = tl.where(taken, float("-inf"), logits)
+        best = tl.max(v, axis=1)
+        tied = (v == best[:, None]) & ~taken
+        idx = tl.min(tl.where(tied, cols[None, :], BLOCK_E), axis=1)
+        # NaN logits match nothing: take the lowest expert not yet selected, never an invalid one.
+        free = tl.min(tl.where(taken, BLOCK_E, cols[None, :]), axis=1)
+        idx = tl.where(idx < BLOCK_E, idx, free)
+        taken = taken | (cols[None, :] == idx[:, None])
+        if j == 0:
+            top0 = best
+        top_v = tl.where(kk[None, :] == j, best[:, None], top_v)
+        top_i = tl.where(kk[None, :] == j, idx[:, None], top_i)
+        if STORE_COUNTS:
+            hit = (cols[None, :] == idx[:, None]) & row_ok[:, None]
+            counts += tl.sum(hit.to(tl.int32), axis=0)
+    if SELECTION == 0:
+        gate = 1.0 / (1.0 + tl.exp(-top_v))
+    elif SELECTION == 1:
+        every = tl.where(col_ok[None, :], tl.exp(logits - top0[:, None]), 0.0)
+        gate = tl.exp(top_v - top0[:, None]) / tl.sum(every, axis=1)[:, None]
+    else:
+        top = tl.where(kk[None, :] < K, tl.exp(top_v - top0[:, None]), 0.0)
+        gate = top / tl.sum(top, axis=1)[:, None]
+    out = rows[:, None] * K + kk[None, :]
+    out_ok = row_ok[:, None] & (kk[None, :] < K)
+    tl.store(gate_ptr + out, gate, mask=out_ok)
+    tl.store(expert_ptr + out, top_i, mask=out_ok)
+    if STORE_COUNTS:
+        tl.store(counts_ptr + pid * E + cols, counts, mask=col_ok)
+
+
+@triton.jit
+def dispatch_kernel(
+    expert_ptr, counts_ptr,
+    sorted_expert_ptr, sorted_slot_ptr, offsets_ptr, tile_map_ptr,
+    N,
+    E: tl.constexpr, K: tl.constexpr, TILE_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, SUB: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    n_chunks = tl.cdiv(N, BLOCK_N)
+    # 1. Per expert: all slots (for the offsets of the experts below) and this chunk's predecessors.
+    total = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    before = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        chunk = c0 + tl.arange(0, BLOCK_C)
+        block = tl.load(counts_ptr + chunk[:, None] * E + cols[None, :],
+                        mask=(chunk[:, None] < n_chunks) & col_ok[None, :], other=0)
+        total += tl.sum(block, axis=0)
+        before += tl.sum(tl.where(chunk[:, None] < pid, block, 0), axis=0)
+    inclusive = tl.cumsum(total, axis=0)
+    base = inclusive - total + before
+    if pid == 0:
+        tl.store(offsets_ptr + 1 + cols, inclusive, mask=col_ok)
+        tl.store(offsets_ptr + cols, 0, mask=cols == 0)
+    write_tile_map(total, tile_map_ptr, pid, n_chunks, E, TILE_M, BLOCK_E)
+    # 2. Rank of each slot among the chunk's earlier slots of its expert (slot order = stable).
+    n_slots = N * K
+    running = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for s0 in range(0, BLOCK_N * K, SUB):
+        slots = pid * BLOCK_N * K + s0 + tl.arange(0, SUB)
+        ok = slots < n_slots
+        ex = tl.load(expert_ptr + slots, mask=ok, other=BLOCK_E)
+        onehot = (ex[:, None] == cols[None, :]).to(tl.int32)
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
+        pos = tl.sum(onehot * (base + running)[None, :], axis=1) + rank
+        tl.store(sorted_expert_ptr + pos, ex, mask=ok)
+        tl.store(sorted_slot_ptr + pos, slots, mask=ok)
+        running += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def write_tile_map(count, map_ptr, part, n_parts,
+                   E: tl.constexpr, TILE_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tiles of TILE_M rows, round-robin over experts: map[0] = number of tiles, map[1 + t] =
+    local * E + e for the t-th tile (tile `local` of expert e). Called by n_parts programs, each
+    writing the rounds r = part (mod n_parts); count [BLOCK_E] holds the rows of each expert."""
+    cols = tl.arange(0, BLOCK_E)
+    tiles = tl.where(cols < E, tl.cdiv(count, TILE_M), 0)
+    if part == 0:
+        tl.store(map_ptr, tl.sum(tiles, axis=0))
+    for r in range(part, tl.max(tiles, axis=0), n_parts):
+        member = tiles > r
+        rank = tl.cumsum(member.to(tl.int32), axis=0) - 1
+        before = tl.sum(tl.minimum(tiles, r), axis=0)
+        tl.store(map_ptr + 1 + before + rank, r * E + cols, mask=member)
+
+
+@triton.jit
+def _lower_bound(sorted_ptr, S, target):
+    """First position of the sorted int array whose value is >= target, for each target."""
+    lo = target * 0
+    hi = lo + S
+    for _ in range(0, 32):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        right = open_ & (tl.load(sorted_ptr + mid, mask=open_, other=0) < target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(open_ & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def offsets_kernel(
+    sorted_expert_ptr, offsets_ptr, tile_map_ptr,
+    S,
+    E: tl.constexpr, TILE_M: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """The dispatch plan's offsets and tile map from the sorted expert ids alone (the CVMM op's
+    inputs): offsets[e] = first sorted position whose expert is >= e."""
+    e = tl.arange(0, BLOCK_E)
+    first = _lower_bound(sorted_expert_ptr, S, e)
+    if tl.program_id(0) == 0:
+        tl.store(offsets_ptr + e, first, mask=e <= E)
+    count = _lower_bound(sorted_expert_ptr, S, e + 1) - first
+    write_tile_map(count, tile_map_ptr, tl.program_id(0), tl.num_programs(0), E, TILE_M, BLOCK_E)
