@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Triton kernels run in the interpreter where there is no GPU; the variable must be set before
+# any kernel module is imported (the @triton.jit decorator reads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
