@@ -1,7 +1,12 @@
 """moexport: σ-MoE / PKM / Top-K models to ONNX, ONNX Runtime and TensorRT, with proof of parity."""
 from moexport.core import InternalError, MoexportError
-from moexport import models
+from moexport import checkpoints, models
+from moexport.checkpoints import load_checkpoint, save_checkpoint
+from moexport.models import from_preset
 
 __version__ = "0.1.0"
 
-__all__ = ["MoexportError", "InternalError", "models", "__version__"]
+__all__ = [
+    "MoexportError", "InternalError", "checkpoints", "models", "from_preset", "load_checkpoint", "save_checkpoint",
+    "__version__",
+]

@@ -56,6 +56,20 @@ def add_tolerance_args(parser: argparse.ArgumentParser) -> None:
 # ---- subcommands ---------------------------------------------------------------------------------
 # (each room's subcommand lives here, a few lines calling that room's public API)
 
+@subcommand(lambda p: (p.add_argument("checkpoint", help="Checkpoint folder or file."),
+                       p.add_argument("--k", type=int, default=None,
+                                      help="Experts per token of a σ-MoE layer state dict (not in the file).")))
+def cmd_inspect(args):
+    """Show a checkpoint's configuration, parameter count and per-layer FF FLOPs per token.
+
+    FLOPs per token of every feed-forward layer: active (what the layer computes) against the
+    parameter-equal dense FFN. Reads moexport folders, the paper's training checkpoints and σ-MoE
+    layer state dicts; never runs code from the file.
+    """
+    from moexport.checkpoints import describe, describe_table
+
+    Console().print(describe_table(describe(args.checkpoint, k=args.k)))
+
 
 # ---- entry point ---------------------------------------------------------------------------------
 

@@ -95,7 +95,7 @@ class RelativeAttention(ConfigModule):
         return self.multi_head_merge(out.transpose(1, 2).reshape(batch, n_queries, heads * dh))
 
     def _key_positions(self, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
-        """Projected encodings of the relative positions −(L−1) … 0, as [H, dh, L] (column m: r = m − (L−1))."""
+        """Projected encodings of relative positions −(L−1) … 0 as [H, dh, L]; column m is r = m − (L−1)."""
         device = self.pos_to_pq.weight.device
         positions = torch.arange(n_keys, device=device, dtype=torch.float32) - (n_keys - 1)
         kpos = self.pos_to_pq(sinusoid(positions, self.d_model).to(dtype))                  # [L, H·dh]

@@ -59,9 +59,11 @@ class PKM(ConfigModule):
             raise MoexportError(f"activation={activation!r}", "is not a PKM activation",
                                 f"use one of {', '.join(PKM_ACTIVATIONS)}")
         if value_init not in VALUE_INITS:
-            raise MoexportError(f"value_init={value_init!r}", "is not known", f"use one of {', '.join(VALUE_INITS)}")
+            raise MoexportError(f"value_init={value_init!r}", "is not known",
+                                f"use one of {', '.join(VALUE_INITS)}")
         if heads < 1 or n_keys < 1 or knn < 0:
-            raise MoexportError(f"PKM(n_keys={n_keys}, heads={heads}, knn={knn})", "needs n_keys, heads ≥ 1, knn ≥ 0")
+            raise MoexportError(f"PKM(n_keys={n_keys}, heads={heads}, knn={knn})",
+                                "needs n_keys ≥ 1, heads ≥ 1 and knn ≥ 0")
         self._keep_config(d_model=d_model, n_keys=n_keys, heads=heads, knn=knn, activation=activation,
                           weight_std_scale=weight_std_scale, value_init=value_init)
         self.d_model, self.n_keys, self.heads, self.knn = d_model, n_keys, heads, knn
@@ -94,7 +96,8 @@ class PKM(ConfigModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
-            raise MoexportError(f"PKM input of shape {tuple(x.shape)}", f"last dimension must be d_model={self.d_model}")
+            raise MoexportError(f"PKM input of shape {tuple(x.shape)}",
+                                f"last dimension must be d_model={self.d_model}")
         flat = x.reshape(-1, self.d_model)
         y = self.forward_dense(flat) if self.uses_dense_path else self.forward_knn(flat)
         return y.reshape(x.shape)
@@ -130,7 +133,7 @@ class PKM(ConfigModule):
         return score, slot
 
     def ffn_flops_per_token(self) -> dict[str, int]:
-        """Active: sub-key scoring plus the values read (all n_keys² on the dense path, heads·knn on the knn path).
+        """Active: sub-key scoring plus the values read (n_keys² on the dense path, heads·knn on the knn path).
 
         Dense: the MLP with as many weights (2 × the weight count of keys and values).
         """

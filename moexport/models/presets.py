@@ -37,6 +37,12 @@ PRESETS = tuple(_PRESETS)
 _LM_ARGUMENTS = set(inspect.signature(TransformerLM).parameters) - {"ffn"}
 
 
+def _has_ffn(name: str, ffn: str) -> bool:
+    """Whether the paper trained this FFN kind at this preset's scale (PKM and Top-K are not everywhere)."""
+    _, _, _, n_keys, topk = _PRESETS[name]
+    return {"pkm": n_keys, "topk": topk}.get(ffn, 0) is not None
+
+
 def preset_config(name: str, ffn: str | None = None, **overrides: Any) -> dict[str, Any]:
     """The `TransformerLM` config of a paper preset, as plain values (edit it, then `build` it).
 
@@ -56,9 +62,10 @@ def preset_config(name: str, ffn: str | None = None, **overrides: Any) -> dict[s
     if ffn not in FFN_KINDS:
         raise MoexportError(f"ffn={ffn!r}", "is not a feed-forward kind", f"use one of {', '.join(FFN_KINDS)}")
     lm, moe, d_ff, n_keys, topk = _PRESETS[name]
-    if {"pkm": n_keys, "topk": topk}.get(ffn, 0) is None:
+    if not _has_ffn(name, ffn):
+        having = [other for other in _PRESETS if _has_ffn(other, ffn)]
         raise MoexportError(f"preset {name!r} with ffn={ffn!r}", "was not trained in the paper",
-                            f"presets with {ffn}: {', '.join(n for n, p in _PRESETS.items() if p[3 if ffn == 'pkm' else 4])}")
+                            f"presets with {ffn}: {', '.join(having)}")
     lm = {**lm, **{key: value for key, value in overrides.items() if key in _LM_ARGUMENTS}}
     d, scale = lm["d_model"], math.sqrt(2.0 / lm["n_layers"])
     layer = {

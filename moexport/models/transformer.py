@@ -94,7 +94,8 @@ class TransformerLM(ConfigModule):
         # The paper's pre-LN init: attention projections with std sqrt(2 / (n_layers · fan_in)).
         scale = math.sqrt(2.0 / n_layers)
         self.layers = nn.ModuleList(
-            TransformerLayer(d_model, n_heads, layer_ffn, head_dim=head_dim, dropout=dropout, weight_std_scale=scale)
+            TransformerLayer(d_model, n_heads, layer_ffn, head_dim=head_dim, dropout=dropout,
+                             weight_std_scale=scale)
             for layer_ffn in ffns)
         self.out_norm = nn.LayerNorm(d_model)
         self.output = nn.Linear(d_model, vocab_size)
@@ -125,7 +126,8 @@ class TransformerLM(ConfigModule):
         so it traces with dynamic batch, sequence and memory axes.
         """
         if memory is not None and len(memory) != self.n_layers:
-            raise MoexportError(f"memory (a list of {len(memory)} tensors)", f"needs one tensor per layer ({self.n_layers})")
+            raise MoexportError(f"memory (a list of {len(memory)} tensors)",
+                                f"needs one tensor per layer ({self.n_layers})")
         x = F.dropout(self.embedding(input_ids), self.dropout, self.training)
         new_memory = []
         for index, layer in enumerate(self.layers):

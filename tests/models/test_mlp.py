@@ -53,7 +53,8 @@ def test_topk_with_k_equal_to_width_is_the_dense_mlp():
 
 def test_parameters_have_the_paper_names():
     assert {n: tuple(p.shape) for n, p in TopKMLP(412, 2053, 128).named_parameters()} == {
-        "linear1.weight": (2053, 412), "linear1.bias": (2053,), "linear2.weight": (412, 2053), "linear2.bias": (412,)}
+        "linear1.weight": (2053, 412), "linear1.bias": (2053,),
+        "linear2.weight": (412, 2053), "linear2.bias": (412,)}
 
 
 def test_init_std_is_the_prenorm_recipe():
@@ -74,7 +75,8 @@ def test_bad_k_names_the_option():
         TopKMLP(8, 16, 17)
 
 
-@pytest.mark.parametrize("layer", [DenseMLP(8, 16, activation="gelu", dropout=0.1), TopKMLP(8, 16, 3, use_norm=True)])
+@pytest.mark.parametrize("layer", [DenseMLP(8, 16, activation="gelu", dropout=0.1),
+                                   TopKMLP(8, 16, 3, use_norm=True)])
 def test_config_rebuilds_the_same_module(layer):
     again = build(layer.config())
     assert type(again) is type(layer) and again.config() == layer.config()

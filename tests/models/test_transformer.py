@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from moexport import MoexportError
 from moexport.models import TransformerLM, build, from_preset
 
-from test_attention import randomised, reference_attention
+from attention_reference import randomised, reference_attention
 
 FFNS = {
     "sigma_moe": {"kind": "sigma_moe", "d_model": 16, "n_experts": 4, "expert_size": 8, "k": 2},
@@ -97,7 +97,8 @@ def test_config_is_plain_and_rebuilds_the_same_model():
     config = json.loads(json.dumps(model.config()))
     again = build(config)
     assert again.config() == model.config()
-    assert {n: p.shape for n, p in again.state_dict().items()} == {n: p.shape for n, p in model.state_dict().items()}
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    assert {name: tensor.shape for name, tensor in again.state_dict().items()} == shapes
 
 
 def test_state_dict_keys_follow_the_paper():
