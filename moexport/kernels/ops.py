@@ -21,11 +21,11 @@ from moexport.models.routing import check_selection, gates_of
 _PLANS: dict[tuple, plans.Plan] = {}
 
 
-def _plan(builder, *args) -> plans.Plan:
+def _plan(builder, *args, **kwargs) -> plans.Plan:
     """Plans are built once per (builder, shape, token bucket) and reused."""
-    key = (builder.__name__, *args)
+    key = (builder.__name__, args, tuple(sorted(kwargs.items())))
     if key not in _PLANS:
-        _PLANS[key] = builder(*args)
+        _PLANS[key] = builder(*args, **kwargs)
     return _PLANS[key]
 
 
@@ -113,8 +113,8 @@ def topk_dispatch(logits: torch.Tensor, k: int, selection: str | None = None):
 def _cvmm_op(x: torch.Tensor, sorted_expert: torch.Tensor, src_row: torch.Tensor, dst_row: torch.Tensor,
              w: torch.Tensor, gate: Optional[torch.Tensor], reduce: bool, k: int) -> torch.Tensor:
     E, d_in, d_out = w.shape
-    plan = _plan(plans.cvmm_plan, E, d_in, d_out, dtype_name(x.dtype), reduce, k, gate is not None,
-                 bucket(sorted_expert.shape[0]), tuple(w.stride()))
+    plan = _plan(plans.cvmm_plan, E, d_in, d_out, dtype_name(x.dtype), reduce=reduce, k=k, gate=gate is not None,
+                 n_rows=bucket(sorted_expert.shape[0]), w_strides=tuple(w.stride()))
     return run_plan(plan, {"x": x, "sorted_expert": sorted_expert, "src_row": src_row, "dst_row": dst_row,
                            "w": w, "gate": gate})["out"]
 

@@ -251,7 +251,7 @@ def cvmm_plan(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: bool
     rows = max(1, n_rows // E)
     cfg = tile_config("down" if reduce else "up", d_in, d_out, max(1, n_rows // k), rows_per_expert=rows)
     tile_m = cfg["BLOCK_M"]
-    offsets = Step("routing.offsets_kernel", ("32",),
+    offsets = Step("routing.offsets_kernel", (f"min(32, cdiv(S, {tile_m}))",),
                    {"sorted_expert_ptr": "sorted_expert", "offsets_ptr": "offsets", "tile_map_ptr": "tile_map",
                     "S": "S"}, {"E": E, "TILE_M": tile_m, "BLOCK_E": pow2(E)}, 4, 1)
     out_rows = "cdiv(S, %d)" % k if reduce else "S"

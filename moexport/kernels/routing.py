@@ -156,7 +156,7 @@ def _lower_bound(sorted_ptr, S, target):
     """First position of the sorted int array whose value is >= target, for each target."""
     lo = target * 0
     hi = lo + S
-    for _ in range(0, 32):
+    while tl.max(hi - lo, axis=0) > 0:
         open_ = lo < hi
         mid = (lo + hi) // 2
         right = open_ & (tl.load(sorted_ptr + mid, mask=open_, other=0) < target)

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+import torch
+
+from moexport.kernels import compile_plan
+from moexport.kernels.launcher import symbols_of, workspace_layout
+from moexport.kernels.ops import sigma_moe_forward
+from moexport.kernels.plan import MoEShape, evaluate, sigma_moe_plan
+
+SHAPE = MoEShape(64, 8, 32, 64, 2, "bfloat16", "sigmoid", "relu", True)
+
+
+def test_expressions_cover_the_plan_language():
+    assert evaluate("cdiv(N, 64) * 3 + min(N, 5) - max(1, N // 2)", {"N": 100}) == 2 * 3 + 5 - 50
+    assert evaluate(7, {}) == 7
+
+
+@pytest.mark.parametrize("n_tokens", [16, 4096])
+def test_compile_plan_writes_cubins_and_launch_metadata_without_a_gpu(tmp_path, n_tokens):
+    plan = sigma_moe_plan(SHAPE, n_tokens)
+    path = compile_plan(plan, tmp_path, sm=90, name=f"moe_{n_tokens}")
+    manifest = json.loads(path.read_text())
+    assert manifest["sm"] == 90 and len(manifest["steps"]) == len(plan.steps)
+    for step in manifest["steps"]:
+        cubin = (tmp_path / step["cubin"]).read_bytes()
+        assert cubin[:4] == b"\x7fELF", step["cubin"]
+        ptx = (tmp_path / step["ptx"]).read_text()
+        assert ".version 8.4" in ptx and f".entry {step['entry']}(" in ptx
+        # the argument layout is the PTX entry's parameter list minus the two hidden scratch pointers
+        n_params = ptx.split(f".entry {step['entry']}(")[1].split(")")[0].count(".param")
+        assert n_params == len(step["args"]) + step["hidden_pointers"] and step["hidden_pointers"] == 2
+        assert step["block"][0] % 32 == 0 and step["shared"] >= 0
+    symbols = symbols_of(manifest, {"x": (1000, 64)})
+    layout, total = workspace_layout(manifest, symbols)
+    assert all(offset % 256 == 0 for offset, _ in layout.values()) and total >= sum(n for _, n in layout.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_tokens", [7, 3000])
+def test_aot_cubins_run_through_the_driver_like_the_jit(tmp_path, n_tokens):
+    from moexport.kernels.launcher import AOTRunner
+
+    torch.manual_seed(1)
+    tensors = {"x": torch.randn(n_tokens, 64), "expert_sel": torch.randn(8, 64), "keys": torch.randn(8, 64, 32) / 8,
+               "values": torch.randn(8, 32, 64) / 6, "bias": torch.randn(8, 32), "o_bias": torch.randn(64)}
+    tensors = {n: t.to("cuda", torch.bfloat16) for n, t in tensors.items()}
+    runner = AOTRunner(compile_plan(sigma_moe_plan(SHAPE, n_tokens), tmp_path, sm=90))
+    y = runner.run(tensors)["y"]
+    jit = sigma_moe_forward(tensors["x"], tensors["expert_sel"], tensors["keys"], tensors["values"], k=2,
+                            bias=tensors["bias"], o_bias=tensors["o_bias"])
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y.float(), jit.float(), rtol=1e-2, atol=1e-2)

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from moexport import MoexportError
+from moexport.core import tolerance_for
+from moexport.kernels import cvmm, topk_dispatch
+
+
+def loop_cvmm(x, sorted_expert, src_row, dst_row, w, gate, reduce, k):
+    """Row-by-row float64 reference of the CVMM op."""
+    S = sorted_expert.shape[0]
+    out = torch.zeros(S // k if reduce else S, w.shape[-1], dtype=torch.float64)
+    for s in range(S):
+        row = x[src_row[s]].double() @ w[sorted_expert[s]].double()
+        if gate is not None:
+            row = row * gate[s].double()
+        if reduce:
+            out[dst_row[s] // k] += row
+        else:
+            out[dst_row[s]] = row
+    return out
+
+
+def plan(n_tokens, n_experts, k):
+    _, _, sorted_expert, sorted_slot = topk_dispatch(torch.randn(n_tokens, n_experts), k)
+    return sorted_expert, sorted_slot
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduce", [False, True])
+def test_cvmm_matches_a_row_loop(dtype, reduce):
+    n_tokens, E, k, d_in, d_out = 29, 5, 2, 24, 40
+    sorted_expert, sorted_slot = plan(n_tokens, E, k)
+    x = torch.randn(n_tokens if not reduce else n_tokens * k, d_in).to(dtype)
+    w = torch.randn(E, d_in, d_out).to(dtype)
+    gate = torch.rand(n_tokens * k)
+    # up projection: token rows in, slot rows out; down projection: slot rows in, token rows out
+    src = sorted_slot // k if not reduce else sorted_slot
+    out = cvmm(x, sorted_expert, src, sorted_slot, w, gate, reduce=reduce, k=k)
+    ref = loop_cvmm(x, sorted_expert, src, sorted_slot, w, gate, reduce, k)
+    tol = tolerance_for(dtype)
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=tol.rtol, atol=tol.atol, msg=f"out {dtype} reduce={reduce}")
+
+
+def test_cvmm_reads_a_transposed_weight_without_copying():
+    sorted_expert, sorted_slot = plan(17, 4, 1)
+    x = torch.randn(17, 24)
+    w_t = torch.randn(4, 20, 24).transpose(1, 2)  # [E, d_in, d_out] view with swapped strides
+    out = cvmm(x, sorted_expert, sorted_slot, sorted_slot, w_t)
+    ref = loop_cvmm(x, sorted_expert, sorted_slot, sorted_slot, w_t, None, False, 1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cvmm_shape_errors_name_the_tensors():
+    sorted_expert, sorted_slot = plan(8, 4, 2)
+    with pytest.raises(MoexportError, match="src_row"):
+        cvmm(torch.randn(8, 16), sorted_expert, sorted_slot[:-1], sorted_slot, torch.randn(4, 16, 8))
+    with pytest.raises(MoexportError, match="do not fit"):
+        cvmm(torch.randn(8, 16), sorted_expert, sorted_slot, sorted_slot, torch.randn(4, 12, 8))

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from moexport.core import accel, tolerance_for
+from moexport.kernels import sigma_moe_forward
+from moexport.kernels.ops import sigma_moe_train
+from moexport.models import SigmaMoE
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_layer(dtype=torch.float32, *, k=2, n_experts=6, selection="sigmoid", activation="relu", bias=True):
+    layer = SigmaMoE(24, n_experts, 8, k, selection=selection, activation=activation, bias=bias, v_dim=20)
+    if bias:
+        with torch.no_grad():
+            layer.bias.normal_()
+            layer.o_bias.normal_()
+    return layer.to(dtype)
+
+
+def forward(layer, x):
+    with torch.no_grad():
+        return sigma_moe_forward(x, layer.expert_sel, layer.keys, layer.values, k=layer.k, selection=layer.selection,
+                                 activation=layer.activation, bias=layer.bias, o_bias=layer.o_bias)
+
+
+def assert_close(actual, expected, dtype, what):
+    tol = tolerance_for(dtype)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol.rtol, atol=tol.atol, msg=what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("selection, activation", [("sigmoid", "relu"), ("softmax", "gelu"),
+                                                   ("softmax_after_topk", "silu")])
+@pytest.mark.parametrize("n_tokens", [5, 70], ids=["decode", "grouped"])
+def test_inference_matches_the_reference(dtype, selection, activation, n_tokens):
+    layer = make_layer(dtype, selection=selection, activation=activation).eval()
+    x = torch.randn(n_tokens, 24).to(dtype)
+    y = forward(layer, x)
+    assert y.dtype == dtype and y.shape == (n_tokens, 20)
+    assert_close(y, layer.reference_forward(x), dtype, f"y {dtype} {selection} {activation} T={n_tokens}")
+
+
+@pytest.mark.parametrize("n_tokens", [1, 70])
+def test_k_equal_to_n_experts_without_bias(n_tokens):
+    layer = make_layer(k=4, n_experts=4, bias=False).eval()
+    x = torch.randn(2, n_tokens, 24)
+    assert_close(forward(layer, x), layer.reference_forward(x), torch.float32, "y")
+
+
+def test_tied_router_rows_route_like_the_reference():
+    layer = make_layer().eval()
+    with torch.no_grad():
+        layer.expert_sel[3] = layer.expert_sel[1]  # experts 1 and 3 always tie: 1 must win
+    x = torch.randn(70, 24)
+    assert_close(forward(layer, x), layer.reference_forward(x), torch.float32, "y")
+
+
+@pytest.mark.parametrize("selection, activation, bias", [("sigmoid", "relu", False), ("softmax", "gelu", True),
+                                                         ("softmax_after_topk", "silu", True)])
+def test_training_gradients_match_autograd_on_the_reference(selection, activation, bias):
+    layer = make_layer(selection=selection, activation=activation, bias=bias).train()
+    x = torch.randn(70, 24, requires_grad=True)
+    wrt = [x, *layer.parameters()]
+    y = sigma_moe_train(layer, x)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, wrt, dy)
+    y_ref = layer.reference_forward(x)
+    ref = torch.autograd.grad(y_ref, wrt, dy)
+    assert_close(y, y_ref, torch.float32, "y")
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+    for name, g, r in zip(names, grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+
+def test_expert_dropout_drops_the_experts_the_reference_drops():
+    layer = make_layer()
+    layer.expert_dropout = 0.3
+    layer.train()
+    x = torch.randn(40, 24)
+    torch.manual_seed(7)
+    y = sigma_moe_train(layer, x)
+    torch.manual_seed(7)
+    assert_close(y, layer.reference_forward(x), torch.float32, "y with expert dropout")
+
+
+def test_training_forward_feeds_the_entropy_regularizer():
+    layer = make_layer().train()
+    sigma_moe_train(layer, torch.randn(20, 24))
+    assert torch.isfinite(layer.entropy_regularizer())
+
+
+def test_fast_path_is_offered_for_cuda_inputs_only():
+    import moexport  # noqa: F401 - importing the package registers the kernels
+
+    assert accel.lookup("sigma_moe", torch.zeros(1)) is None
+    if torch.cuda.is_available():
+        assert accel.lookup("sigma_moe", torch.zeros(1, device="cuda")) is not None
