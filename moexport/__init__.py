@@ -3,10 +3,12 @@ from moexport.core import InternalError, MoexportError
 from moexport import checkpoints, models
 from moexport.checkpoints import load_checkpoint, save_checkpoint
 from moexport.models import from_preset
+from moexport.exporter import export_onnx, fuse
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoexportError", "InternalError", "checkpoints", "models", "from_preset", "load_checkpoint", "save_checkpoint",
+    "export_onnx", "fuse",
     "__version__",
 ]
