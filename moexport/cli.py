@@ -71,6 +71,23 @@ def cmd_inspect(args):
     Console().print(describe_table(describe(args.checkpoint, k=args.k)))
 
 
+@subcommand(lambda p: (p.add_argument("suite", help="Benchmark suite: kernels, onnx-cpu."),
+                       p.add_argument("suite_args", nargs=argparse.REMAINDER,
+                                      help="Options of the suite (see `moexport bench SUITE -h`).")))
+def cmd_bench(args):
+    """Run a benchmark suite; each writes a markdown + JSON table and a plot under bench/results.
+
+    kernels: σ-MoE forward on the Triton kernels against dense FFNs and torch._grouped_mm (GPU).
+    """
+    import importlib
+
+    from moexport.bench import SUITES
+
+    if args.suite not in SUITES:
+        raise MoexportError(f"bench suite {args.suite!r}", "is not known", f"use one of {', '.join(SUITES)}")
+    return importlib.import_module(SUITES[args.suite]).main(args.suite_args)
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,34 +21,34 @@ def loop_cvmm(x, sorted_expert, src_row, dst_row, w, gate, reduce, k):
     return out
 
 
-def plan(n_tokens, n_experts, k):
-    _, _, sorted_expert, sorted_slot = topk_dispatch(torch.randn(n_tokens, n_experts), k)
+def plan(n_tokens, n_experts, k, device="cpu"):
+    _, _, sorted_expert, sorted_slot = topk_dispatch(torch.randn(n_tokens, n_experts, device=device), k)
     return sorted_expert, sorted_slot
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduce", [False, True])
-def test_cvmm_matches_a_row_loop(dtype, reduce):
+def test_cvmm_matches_a_row_loop(dtype, reduce, device):
     n_tokens, E, k, d_in, d_out = 29, 5, 2, 24, 40
-    sorted_expert, sorted_slot = plan(n_tokens, E, k)
-    x = torch.randn(n_tokens if not reduce else n_tokens * k, d_in).to(dtype)
-    w = torch.randn(E, d_in, d_out).to(dtype)
-    gate = torch.rand(n_tokens * k)
+    sorted_expert, sorted_slot = plan(n_tokens, E, k, device)
+    x = torch.randn(n_tokens if not reduce else n_tokens * k, d_in).to(device, dtype)
+    w = torch.randn(E, d_in, d_out).to(device, dtype)
+    gate = torch.rand(n_tokens * k, device=device)
     # up projection: token rows in, slot rows out; down projection: slot rows in, token rows out
     src = sorted_slot // k if not reduce else sorted_slot
-    out = cvmm(x, sorted_expert, src, sorted_slot, w, gate, reduce=reduce, k=k)
-    ref = loop_cvmm(x, sorted_expert, src, sorted_slot, w, gate, reduce, k)
+    out = cvmm(x, sorted_expert, src, sorted_slot, w, gate, reduce=reduce, k=k).cpu()
+    ref = loop_cvmm(*(t.cpu() for t in (x, sorted_expert, src, sorted_slot, w, gate)), reduce, k)
     tol = tolerance_for(dtype)
     assert out.dtype == dtype and out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=tol.rtol, atol=tol.atol, msg=f"out {dtype} reduce={reduce}")
 
 
-def test_cvmm_reads_a_transposed_weight_without_copying():
-    sorted_expert, sorted_slot = plan(17, 4, 1)
-    x = torch.randn(17, 24)
-    w_t = torch.randn(4, 20, 24).transpose(1, 2)  # [E, d_in, d_out] view with swapped strides
-    out = cvmm(x, sorted_expert, sorted_slot, sorted_slot, w_t)
-    ref = loop_cvmm(x, sorted_expert, sorted_slot, sorted_slot, w_t, None, False, 1)
+def test_cvmm_reads_a_transposed_weight_without_copying(device):
+    sorted_expert, sorted_slot = plan(17, 4, 1, device)
+    x = torch.randn(17, 24, device=device)
+    w_t = torch.randn(4, 20, 24, device=device).transpose(1, 2)  # [E, d_in, d_out] view, swapped strides
+    out = cvmm(x, sorted_expert, sorted_slot, sorted_slot, w_t).cpu()
+    ref = loop_cvmm(*(t.cpu() for t in (x, sorted_expert, sorted_slot, sorted_slot, w_t)), None, False, 1)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 

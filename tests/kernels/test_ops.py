@@ -9,13 +9,14 @@ from moexport.models import SigmaMoE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def make_layer(dtype=torch.float32, *, k=2, n_experts=6, selection="sigmoid", activation="relu", bias=True):
+def make_layer(dtype=torch.float32, *, k=2, n_experts=6, selection="sigmoid", activation="relu", bias=True,
+               device="cpu"):
     layer = SigmaMoE(24, n_experts, 8, k, selection=selection, activation=activation, bias=bias, v_dim=20)
     if bias:
         with torch.no_grad():
             layer.bias.normal_()
             layer.o_bias.normal_()
-    return layer.to(dtype)
+    return layer.to(device, dtype)
 
 
 def forward(layer, x):
@@ -33,34 +34,34 @@ def assert_close(actual, expected, dtype, what):
 @pytest.mark.parametrize("selection, activation", [("sigmoid", "relu"), ("softmax", "gelu"),
                                                    ("softmax_after_topk", "silu")])
 @pytest.mark.parametrize("n_tokens", [5, 70], ids=["decode", "grouped"])
-def test_inference_matches_the_reference(dtype, selection, activation, n_tokens):
-    layer = make_layer(dtype, selection=selection, activation=activation).eval()
-    x = torch.randn(n_tokens, 24).to(dtype)
+def test_inference_matches_the_reference(dtype, selection, activation, n_tokens, device):
+    layer = make_layer(dtype, selection=selection, activation=activation, device=device).eval()
+    x = torch.randn(n_tokens, 24).to(device, dtype)
     y = forward(layer, x)
     assert y.dtype == dtype and y.shape == (n_tokens, 20)
     assert_close(y, layer.reference_forward(x), dtype, f"y {dtype} {selection} {activation} T={n_tokens}")
 
 
 @pytest.mark.parametrize("n_tokens", [1, 70])
-def test_k_equal_to_n_experts_without_bias(n_tokens):
-    layer = make_layer(k=4, n_experts=4, bias=False).eval()
-    x = torch.randn(2, n_tokens, 24)
+def test_k_equal_to_n_experts_without_bias(n_tokens, device):
+    layer = make_layer(k=4, n_experts=4, bias=False, device=device).eval()
+    x = torch.randn(2, n_tokens, 24, device=device)
     assert_close(forward(layer, x), layer.reference_forward(x), torch.float32, "y")
 
 
-def test_tied_router_rows_route_like_the_reference():
-    layer = make_layer().eval()
+def test_tied_router_rows_route_like_the_reference(device):
+    layer = make_layer(device=device).eval()
     with torch.no_grad():
         layer.expert_sel[3] = layer.expert_sel[1]  # experts 1 and 3 always tie: 1 must win
-    x = torch.randn(70, 24)
+    x = torch.randn(70, 24, device=device)
     assert_close(forward(layer, x), layer.reference_forward(x), torch.float32, "y")
 
 
 @pytest.mark.parametrize("selection, activation, bias", [("sigmoid", "relu", False), ("softmax", "gelu", True),
                                                          ("softmax_after_topk", "silu", True)])
-def test_training_gradients_match_autograd_on_the_reference(selection, activation, bias):
-    layer = make_layer(selection=selection, activation=activation, bias=bias).train()
-    x = torch.randn(70, 24, requires_grad=True)
+def test_training_gradients_match_autograd_on_the_reference(selection, activation, bias, device):
+    layer = make_layer(selection=selection, activation=activation, bias=bias, device=device).train()
+    x = torch.randn(70, 24, device=device, requires_grad=True)
     wrt = [x, *layer.parameters()]
     y = sigma_moe_train(layer, x)
     dy = torch.randn_like(y)
@@ -73,20 +74,20 @@ def test_training_gradients_match_autograd_on_the_reference(selection, activatio
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=f"d{name}")
 
 
-def test_expert_dropout_drops_the_experts_the_reference_drops():
-    layer = make_layer()
+def test_expert_dropout_drops_the_experts_the_reference_drops(device):
+    layer = make_layer(device=device)
     layer.expert_dropout = 0.3
     layer.train()
-    x = torch.randn(40, 24)
+    x = torch.randn(40, 24, device=device)
     torch.manual_seed(7)
     y = sigma_moe_train(layer, x)
     torch.manual_seed(7)
     assert_close(y, layer.reference_forward(x), torch.float32, "y with expert dropout")
 
 
-def test_training_forward_feeds_the_entropy_regularizer():
-    layer = make_layer().train()
-    sigma_moe_train(layer, torch.randn(20, 24))
+def test_training_forward_feeds_the_entropy_regularizer(device):
+    layer = make_layer(device=device).train()
+    sigma_moe_train(layer, torch.randn(20, 24, device=device))
     assert torch.isfinite(layer.entropy_regularizer())
 
 

@@ -1,0 +1,72 @@
+"""Checks that need the real GPU: paper-sized shapes, CUDA graphs, torch.compile, bf16 training."""
+import pytest
+import torch
+
+from moexport.core import tolerance_for
+from moexport.kernels import sigma_moe_forward
+from moexport.kernels.ops import sigma_moe_train
+from moexport.models import SigmaMoE
+
+pytestmark = pytest.mark.gpu
+
+
+def big_layer(dtype=torch.bfloat16, **options):
+    torch.manual_seed(0)
+    return SigmaMoE(1024, 32, 128, 4, **options).to("cuda", dtype)
+
+
+def infer(layer, x):
+    return sigma_moe_forward(x, layer.expert_sel, layer.keys, layer.values, k=layer.k, selection=layer.selection,
+                             activation=layer.activation, bias=layer.bias, o_bias=layer.o_bias)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 16, 300, 5000])
+@pytest.mark.parametrize("selection", ["sigmoid", "softmax_after_topk"])
+def test_wt103_big_inference_matches_the_reference(n_tokens, selection):
+    layer = big_layer(selection=selection).eval()
+    x = torch.randn(n_tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, ref = infer(layer, x), layer.reference_forward(x)
+    tol = tolerance_for(torch.bfloat16)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol.rtol, atol=tol.atol)
+
+
+def test_layer_forward_uses_the_kernels_on_cuda():
+    layer = big_layer(bias=True).eval()
+    x = torch.randn(3, 77, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).float(), layer.reference_forward(x).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n_tokens", [4, 512])
+def test_cuda_graph_replay_equals_eager(n_tokens):
+    layer = big_layer().eval()
+    x = torch.randn(n_tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        infer(layer, x)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = infer(layer, x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(y, infer(layer, x), rtol=0, atol=0)
+
+
+def test_torch_compile_keeps_the_custom_op():
+    layer = big_layer().eval()
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(lambda t: infer(layer, t) * 2, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), infer(layer, x) * 2)
+
+
+def test_bf16_training_gradients_are_close_to_the_reference():
+    layer = big_layer(bias=True).train()
+    x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wrt = [x, *layer.parameters()]
+    dy = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    grads = torch.autograd.grad(sigma_moe_train(layer, x), wrt, dy)
+    ref = torch.autograd.grad(layer.reference_forward(x), wrt, dy)
+    for name, g, r in zip(["x"] + [n for n, _ in layer.named_parameters()], grads, ref):
+        err = (g.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12)
+        assert err < 2e-2, f"d{name}: relative error {err:.3g}"
