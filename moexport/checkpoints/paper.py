@@ -4,6 +4,9 @@ A `torch.save` dict whose `model` entry is the state dict and whose `run_invaria
 raw command-line arguments (paper_code.md, appendix). Shapes give most of the configuration; what they
 cannot give (the σ-MoE k, PKM knn, Top-K k, activations) is read from the arguments. Options of the
 research code that change the forward pass and that moexport does not implement are refused by name.
+Evaluation-loop settings are not part of the model and are not read: how many segments of memory to
+keep (`lm.trafo.test_context_blocks`, passed as `memory_length` to `TransformerLM.forward`) and
+`lm.trafo.same_length_eval` (off by default; it masks part of the oldest memory segment).
 """
 from __future__ import annotations
 
