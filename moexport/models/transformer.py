@@ -122,8 +122,10 @@ class TransformerLM(ConfigModule):
             logits [B, T, V] (float32 for a float32 model), or (logits, new_memory) with `return_memory`;
             new_memory is detached (the paper trains with truncated back-propagation through time).
 
-        The forward has no data-dependent Python control flow: every shape is a function of B, T and M,
-        so it traces with dynamic batch, sequence and memory axes.
+        Outside the FFN the forward has no data-dependent Python control flow: every shape is a function
+        of B, T and M, so it traces with dynamic batch, sequence and memory axes (checked with
+        torch.onnx.export(dynamo=True) for the dense, Top-K and PKM models). The σ-MoE reference layer
+        loops over the experts it selected; the exporter traces its own formulation of that layer.
         """
         if memory is not None and len(memory) != self.n_layers:
             raise MoexportError(f"memory (a list of {len(memory)} tensors)",
