@@ -123,9 +123,8 @@ class TransformerLM(ConfigModule):
             new_memory is detached (the paper trains with truncated back-propagation through time).
 
         Outside the FFN the forward has no data-dependent Python control flow: every shape is a function
-        of B, T and M, so it traces with dynamic batch, sequence and memory axes (checked with
-        torch.onnx.export(dynamo=True) for the dense, Top-K and PKM models). The σ-MoE reference layer
-        loops over the experts it selected; the exporter traces its own formulation of that layer.
+        of B, T and M, so it traces with dynamic batch, sequence and memory axes. The σ-MoE reference
+        layer loops over the experts it selected; the exporter traces its own formulation of that layer.
         """
         if memory is not None and len(memory) != self.n_layers:
             raise MoexportError(f"memory (a list of {len(memory)} tensors)",
