@@ -64,6 +64,10 @@ class AOTRunner:
         from cuda.bindings import driver
 
         self.driver = driver
+        # the primary context of the current device: the one PyTorch (and the CUDA runtime) use
+        _check(driver.cuInit(0))
+        device = _check(driver.cuDeviceGet(torch.cuda.current_device()))
+        _check(driver.cuCtxSetCurrent(_check(driver.cuDevicePrimaryCtxRetain(device))))
         path = Path(manifest)
         self.manifest = json.loads(path.read_text())
         self.functions = []
@@ -104,7 +108,8 @@ class AOTRunner:
         for buf in (*m["outputs"], *m["workspace"]):
             if buf["zero"]:
                 nbytes = layout[buf["name"]][1] if buf["name"] in layout else outputs[buf["name"]].nbytes
-                _check(self.driver.cuMemsetD8Async(pointers[buf["name"]], 0, nbytes, stream))
+                _check(self.driver.cuMemsetD8Async(self.driver.CUdeviceptr(pointers[buf["name"]]), 0, nbytes,
+                                                   self.driver.CUstream(stream)))
         for step, (_, function) in zip(m["steps"], self.functions):
             self._launch(step, function, pointers, symbols, stream)
         return outputs
@@ -121,8 +126,8 @@ class AOTRunner:
                 values.append(ctypes.c_int32(evaluate(arg["value"], symbols)))
         values += [ctypes.c_uint64(0) for _ in range(step["hidden_pointers"])]  # scratch: unused
         params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        _check(self.driver.cuLaunchKernel(function, *grid, *step["block"], step["shared"], stream,
-                                          ctypes.addressof(params), 0))
+        _check(self.driver.cuLaunchKernel(function, *grid, *step["block"], step["shared"],
+                                          self.driver.CUstream(stream), ctypes.addressof(params), 0))
 
 
 def _torch_dtype(name: str) -> torch.dtype:

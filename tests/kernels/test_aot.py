@@ -51,3 +51,27 @@ def test_aot_cubins_run_through_the_driver_like_the_jit(tmp_path, n_tokens):
                             bias=tensors["bias"], o_bias=tensors["o_bias"])
     torch.cuda.synchronize()
     torch.testing.assert_close(y.float(), jit.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_cubins_compiled_on_a_cpu_machine_run_here():
+    """MOEXPORT_AOT_DIR: manifests `moe_16.json` and `moe_4096.json` that the CPU test above wrote with
+    pip Triton (set by the H200 script, which carries them); without it there is nothing to load."""
+    import os
+    from pathlib import Path
+
+    from moexport.kernels.launcher import AOTRunner
+
+    folder = os.environ.get("MOEXPORT_AOT_DIR")
+    if not folder:
+        pytest.skip("MOEXPORT_AOT_DIR not set: no cubins from another machine to load")
+    for name, n_tokens in (("moe_16", 11), ("moe_4096", 2500)):
+        runner = AOTRunner(Path(folder) / f"{name}.json")
+        tensors = {"x": torch.randn(n_tokens, 64), "expert_sel": torch.randn(8, 64),
+                   "keys": torch.randn(8, 64, 32) / 8, "values": torch.randn(8, 32, 64) / 6,
+                   "bias": torch.randn(8, 32), "o_bias": torch.randn(64)}
+        tensors = {n: t.to("cuda", torch.bfloat16) for n, t in tensors.items()}
+        y = runner.run(tensors)["y"]
+        jit = sigma_moe_forward(tensors["x"], tensors["expert_sel"], tensors["keys"], tensors["values"], k=2,
+                                bias=tensors["bias"], o_bias=tensors["o_bias"])
+        torch.testing.assert_close(y.float(), jit.float(), rtol=1e-2, atol=1e-2, msg=name)
