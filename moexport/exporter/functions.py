@@ -280,7 +280,7 @@ def lower(model: onnx.ModelProto, form: str, *, advance=None) -> onnx.ModelProto
             if array is None or array is params.get(name):
                 new_inputs.append("" if array is None else names[name])
                 continue
-            if uses.get(names.get(name, ""), 0) == 1:  # replaced in place: the old layout goes
+            if names.get(name) and uses[names[name]] == 1:  # replaced in place: the old layout goes
                 graph.initializer.remove(inits.pop(names[name]))
                 taken.discard(names[name])
             new_inputs.append(_unique(prefix + name, taken))

@@ -28,13 +28,16 @@ def pow2(n: int, floor: int = 16) -> int:
 def default_config(role: str, d_in: int, d_out: int, n_bucket: int, rows_per_expert: int) -> dict[str, int]:
     """A reasonable config when no tuned one exists (roles: 'up', 'down', 'wgrad', 'route', 'decode')."""
     if role == "route":
-        return {"BLOCK_N": 16 if n_bucket <= 64 else 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_N": 16 if n_bucket <= 1024 else 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
     if role == "decode":
-        return {"BLOCK_T": pow2(n_bucket), "BLOCK_G": 32, "BLOCK_D": 128, "BLOCK_N": 32,
-                "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_T": pow2(n_bucket), "BLOCK_D": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
     if role == "wgrad":
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
     block_m = min(128, pow2(rows_per_expert))
+    if rows_per_expert <= 64:
+        # few rows per expert: the weights are the traffic; narrow column tiles give more programs
+        return {"BLOCK_M": block_m, "BLOCK_N": min(32, pow2(d_out)), "BLOCK_K": 128, "num_warps": 4,
+                "num_stages": 4}
     block_n = min(128, pow2(d_out))
     big = block_m * block_n >= 128 * 128
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64,

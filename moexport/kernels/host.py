@@ -57,9 +57,11 @@ def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, t
     Raises:
         MoexportError: an input is missing or has the wrong shape or dtype.
     """
-    symbols = bind_symbols(plan, {n: t.shape for n, t in tensors.items() if t is not None})
-    if plan.max_tokens is not None and plan.notes.get("decode") and symbols.get("N", 0) > plan.max_tokens:
-        raise InternalError(f"decode plan for {plan.max_tokens} tokens given {symbols['N']}")
+    shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items() if t is not None)
+    key = (id(plan), shapes)
+    if key not in _PREPARED:
+        _PREPARED[key] = _prepare(plan, dict(shapes))
+    allocations, launches = _PREPARED[key]
     device = next(t.device for t in tensors.values() if t is not None)
     buffers: dict[str, torch.Tensor | None] = {}
     for buf in plan.inputs:
@@ -69,23 +71,29 @@ def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, t
                 raise MoexportError(f"tensor {buf.name!r}", f"has dtype {t.dtype}, the plan needs {buf.dtype}")
             t = t.to(torch.int32)
         buffers[buf.name] = t if t is None or buf.strided else t.contiguous()
-    for buf in (*plan.outputs, *plan.workspace):
-        shape = tuple(evaluate(e, symbols) for e in buf.shape)
-        buffers[buf.name] = (torch.zeros if buf.zero else torch.empty)(shape, dtype=_dtype(buf.dtype), device=device)
-    if symbols.get("N", 1) > 0 and symbols.get("S", 1) > 0:
-        for step in plan.steps:
-            _launch(step, buffers, symbols)
+    for name, shape, dtype, zero in allocations:
+        buffers[name] = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    for fn, grid, args, options in launches:
+        fn[grid](**{n: (buffers[v] if kind else v) for n, kind, v in args}, **options)
     return {buf.name: buffers[buf.name] for buf in plan.outputs}
 
 
-def _launch(step, buffers, symbols) -> None:
-    grid = tuple(evaluate(g, symbols) for g in step.grid)
-    args = {}
-    for name, value in step.args.items():
-        if value is None:
-            args[name] = None
-        elif value in buffers:
-            args[name] = buffers[value]
-        else:
-            args[name] = evaluate(value, symbols)
-    kernel(step.kernel)[grid](**args, **step.constexprs, num_warps=step.num_warps, num_stages=step.num_stages)
+# (plan, input shapes) -> allocations and launches with every expression evaluated
+_PREPARED: dict[tuple, tuple[list, list]] = {}
+
+
+def _prepare(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> tuple[list, list]:
+    symbols = bind_symbols(plan, shapes)
+    if plan.max_tokens is not None and plan.notes.get("decode") and symbols.get("N", 0) > plan.max_tokens:
+        raise InternalError(f"decode plan for {plan.max_tokens} tokens given {symbols['N']}")
+    allocations = [(buf.name, tuple(evaluate(e, symbols) for e in buf.shape), _dtype(buf.dtype), buf.zero)
+                   for buf in (*plan.outputs, *plan.workspace)]
+    names = {b.name for b in (*plan.inputs, *plan.outputs, *plan.workspace)}
+    launches = []
+    if symbols.get("N", 1) > 0 and symbols.get("S", 1) > 0:
+        for step in plan.steps:
+            args = [(name, value in names, value if value is None or value in names else evaluate(value, symbols))
+                    for name, value in step.args.items()]
+            options = dict(step.constexprs, num_warps=step.num_warps, num_stages=step.num_stages)
+            launches.append((kernel(step.kernel), tuple(evaluate(g, symbols) for g in step.grid), args, options))
+    return allocations, launches

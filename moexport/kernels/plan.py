@@ -64,14 +64,17 @@ class Plan:
         raise KeyError(name)
 
 
-_EXPR_NAMES = {"cdiv": lambda a, b: -(-a // b), "min": min, "max": max}
+_EXPR_NAMES = {"__builtins__": {}, "cdiv": lambda a, b: -(-a // b), "min": min, "max": max}
+_CODE: dict[str, Any] = {}
 
 
 def evaluate(expr: str | int, symbols: dict[str, int]) -> int:
     """Value of a plan expression for the given symbols (e.g. {'N': 4096})."""
     if isinstance(expr, int):
         return expr
-    return int(eval(expr, {"__builtins__": {}, **_EXPR_NAMES}, dict(symbols)))  # noqa: S307 - plan text only
+    if expr not in _CODE:
+        _CODE[expr] = compile(expr, "<plan expression>", "eval")
+    return int(eval(_CODE[expr], _EXPR_NAMES, symbols))  # noqa: S307 - plan text only
 
 
 @dataclass(frozen=True)
@@ -189,8 +192,9 @@ def _layer_inputs(s: MoEShape, *, with_x: bool = True) -> tuple[Buffer, ...]:
 def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     """Inference forward of a σ-MoE layer for token counts in n_tokens' bucket.
 
-    Up to DECODE_MAX_TOKENS tokens: route -> decode_up -> decode_down (3 launches). Otherwise:
-    route (+ chunk histograms) -> dispatch -> up CVMM -> down CVMM (float32 atomics) -> finalize.
+    Up to DECODE_MAX_TOKENS tokens: route -> decode (up and down per expert chunk) -> finalize.
+    Otherwise: route (+ chunk histograms) -> dispatch -> up CVMM -> down CVMM (float32 atomics) ->
+    finalize. Both with a memset of the float32 accumulator first.
     """
     n = bucket(n_tokens)
     y_zero = s.dtype == "float32" and not s.bias
@@ -208,25 +212,24 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
 def _decode_plan(s: MoEShape, n: int) -> Plan:
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
     cfg = tile_config("decode", d, dv, n, rows_per_expert=0)
-    block_t, block_k = cfg["BLOCK_T"], pow2(s.k, 1)
-    block_g = min(cfg["BLOCK_G"], pow2(G))
-    up = Step("decode.decode_up_kernel", (str(E), str(-(-G // block_g))),
-              {"x_ptr": "x", "expert_ptr": "expert", "w_ptr": "keys", "bias_ptr": "bias" if s.bias else None,
-               "h_ptr": "h", "N": "N"},
-              {"E": E, "D": d, "G": G, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation], "BLOCK_T": block_t,
-               "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(d)), "BLOCK_K": block_k},
-              cfg["num_warps"], cfg["num_stages"])
-    block_n = min(cfg["BLOCK_N"], pow2(dv))
-    down = Step("decode.decode_down_kernel", (str(-(-dv // block_n)),),
-                {"h_ptr": "h", "gate_ptr": "gate", "expert_ptr": "expert", "w_ptr": "values",
-                 "obias_ptr": "o_bias" if s.bias else None, "y_ptr": "y", "N": "N"},
-                {"E": E, "G": G, "DV": dv, "K": s.k, "BLOCK_T": block_t, "BLOCK_N": block_n,
-                 "BLOCK_G": min(64, pow2(G)), "BLOCK_K": block_k}, cfg["num_warps"], cfg["num_stages"])
-    route = _route_step(s, n, source="x", counts=False)
-    workspace = (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))),
-                 Buffer("h", s.dtype, (str(E * block_t), str(G))))
-    return Plan("sigma_moe_decode", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(dv))),), workspace,
-                (route, up, down), max_tokens=block_t, notes={"decode": True})
+    # enough (expert, hidden chunk) programs to have every SM stream weights
+    block_g = min(64, pow2(G), max(16, pow2(E * G // 132)))
+    direct = s.dtype == "float32" and not s.bias
+    fused = Step("decode.decode_kernel", (str(E), str(-(-G // block_g))),
+                 {"x_ptr": "x", "gate_ptr": "gate", "expert_ptr": "expert", "keys_ptr": "keys",
+                  "bias_ptr": "bias" if s.bias else None, "values_ptr": "values", "acc_ptr": "y" if direct else "acc",
+                  "N": "N"},
+                 {"E": E, "D": d, "G": G, "DV": dv, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation],
+                  "BLOCK_T": cfg["BLOCK_T"], "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(d)),
+                  "BLOCK_N": min(cfg["BLOCK_N"], pow2(dv)), "BLOCK_K": pow2(s.k, 1)},
+                 cfg["num_warps"], cfg["num_stages"])
+    steps = (_route_step(s, n, source="x", counts=False), fused)
+    workspace = (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))))
+    if not direct:
+        steps += (_finalize_step("acc", "o_bias" if s.bias else None, "y", dv),)
+        workspace += (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
+    return Plan("sigma_moe_decode", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(dv)), zero=direct),),
+                workspace, steps, max_tokens=cfg["BLOCK_T"], notes={"decode": True})
 
 
 def topk_dispatch_plan(n_experts: int, k: int, selection: str, n_tokens: int, *, tile_m: int = 64) -> Plan:

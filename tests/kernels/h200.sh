@@ -7,11 +7,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 MOEXPORT_AOT_DIR=$PWD/.carry/aot
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee $OUT/gpu.txt
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a $OUT/gpu.txt
-timeout 170 python3 -m pytest -q tests/kernels -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -25
-SHAPES=""
+timeout 150 python3 -m pytest -q tests/kernels -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -25
 if [ "$1" = "tune" ]; then
   timeout 150 python3 -m moexport.bench kernels --tune --shapes WT103-big large -o $OUT 2>&1 | tail -5
-  SHAPES="--shapes WT103-big large"
 fi
-timeout 280 python3 -m moexport.bench kernels $SHAPES -o $OUT --name kernels_h200 2>&1 | tail -5
+timeout 330 python3 -m moexport.bench kernels -o $OUT --name kernels_h200 2>&1 | tail -5
 cat $OUT/kernels_h200.md 2>/dev/null | sed -n '/| shape/,$p'

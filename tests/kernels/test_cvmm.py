@@ -52,9 +52,10 @@ def test_cvmm_reads_a_transposed_weight_without_copying(device):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_cvmm_shape_errors_name_the_tensors():
-    sorted_expert, sorted_slot = plan(8, 4, 2)
+def test_cvmm_shape_errors_name_the_tensors(device):
+    sorted_expert, sorted_slot = plan(8, 4, 2, device)
+    x = torch.randn(8, 16, device=device)
     with pytest.raises(MoexportError, match="src_row"):
-        cvmm(torch.randn(8, 16), sorted_expert, sorted_slot[:-1], sorted_slot, torch.randn(4, 16, 8))
+        cvmm(x, sorted_expert, sorted_slot[:-1], sorted_slot, torch.randn(4, 16, 8, device=device))
     with pytest.raises(MoexportError, match="do not fit"):
-        cvmm(torch.randn(8, 16), sorted_expert, sorted_slot, sorted_slot, torch.randn(4, 12, 8))
+        cvmm(x, sorted_expert, sorted_slot, sorted_slot, torch.randn(4, 12, 8, device=device))

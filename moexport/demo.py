@@ -1,0 +1,179 @@
+"""`moexport demo`: the whole pipeline on one small σ-MoE language model, with one summary table.
+
+checkpoint -> dispatch ONNX + portable ONNX -> fused ONNX -> ONNX Runtime -> parity against PyTorch
+-> TensorRT engine (TensorRT where installed; a TensorRT-RTX build of the portable graph where only
+that is). Every step shows progress; the table at the end says, per artifact, its size, latency, max
+error and routing agreement.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from moexport.checkpoints import load_checkpoint
+from moexport.core.errors import MoexportError
+from moexport.core.progress import progress
+from moexport.exporter import export_onnx, fuse
+from moexport.models import TransformerLM
+from moexport.plugins import ort_session
+from moexport.validate import validate
+from moexport.validate.inputs import sample_text
+
+DEMO_CHECKPOINT = "demo_sigma_moe"  # folder under moexport/data (trained by examples/train_lm.py)
+DEMO_SEQ = 128
+TIMED_RUNS = 10
+
+
+@dataclass
+class DemoRow:
+    artifact: str
+    size_mb: float | None
+    latency_ms: float | None
+    max_abs_err: float | None
+    routing: str
+    status: str
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "FAILED"
+
+
+def default_checkpoint() -> tuple[torch.nn.Module, str]:
+    """The shipped trained demo model, or (if this installation lacks it) a deterministic untrained one."""
+    folder = importlib.resources.files("moexport") / "data" / DEMO_CHECKPOINT
+    if folder.is_dir():
+        return load_checkpoint(Path(str(folder))), f"moexport/data/{DEMO_CHECKPOINT} (trained)"
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=256, d_model=128, n_layers=2, n_heads=4,
+                          ffn={"kind": "sigma_moe", "d_model": 128, "n_experts": 8, "expert_size": 64, "k": 2})
+    return model.eval(), "deterministic untrained σ-MoE LM (seed 0; no trained demo checkpoint installed)"
+
+
+def run_demo(checkpoint: str | os.PathLike | None = None, *, output_dir: str | os.PathLike | None = None,
+             console: Console | None = None) -> list[DemoRow]:
+    """Run the whole pipeline and return one row per artifact (also printed as a table).
+
+    Args:
+        checkpoint: Any checkpoint `moexport.load_checkpoint` reads. Defaults to the shipped demo model.
+        output_dir: Folder for the ONNX files, engine and parity reports. Defaults to ./moexport-demo.
+        console: Where to print. Defaults to stderr.
+    """
+    console = console or Console(stderr=True)
+    out = Path(output_dir or "moexport-demo")
+    out.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        model, label = default_checkpoint()
+    else:
+        model, label = load_checkpoint(checkpoint), str(checkpoint)
+    console.print(f"model: {label}")
+    ids = _demo_tokens(model)
+    rows: list[DemoRow] = []
+    steps = ["export dispatch", "export portable", "fuse", "validate dispatch", "validate portable",
+             "validate fused", "engine"]
+    with progress("demo", total=len(steps), enabled=True) as advance:
+        rows.append(DemoRow("PyTorch eager (reference)", None, _torch_latency(model, ids), None, "—", "reference"))
+        paths = {}
+        for mode in ("dispatch", "portable"):
+            advance(0, description=f"exporting the {mode} graph")
+            paths[mode] = export_onnx(model, out / f"model.{mode}.onnx", mode=mode, routing_outputs=True,
+                                      show_progress=False)
+            advance()
+        advance(0, description="fusing the dispatch graph")
+        fuse_report = fuse(paths["dispatch"], out / "model.fused.onnx")
+        paths["fused"] = out / "model.fused.onnx"
+        advance()
+        for form, path in paths.items():
+            advance(0, description=f"validating the {form} graph in ONNX Runtime")
+            rows.append(_onnx_row(form, path, model, ids, out / f"report.{form}"))
+            advance()
+        advance(0, description="building an engine")
+        rows.append(_engine_row(paths["portable"], model, out))
+        advance()
+    console.print(f"fusion: {fuse_report}")
+    console.print(summary_table(rows, label))
+    console.print(f"artifacts and parity reports (JSON + HTML) in {out}/")
+    return rows
+
+
+def _demo_tokens(model: torch.nn.Module) -> np.ndarray:
+    text = np.frombuffer(sample_text(), dtype=np.uint8)[:DEMO_SEQ].astype(np.int64)
+    vocab = getattr(model, "vocab_size", 256)
+    return (text % vocab)[None, :]
+
+
+def _torch_latency(model: torch.nn.Module, ids: np.ndarray) -> float:
+    x = torch.from_numpy(ids)
+    with torch.no_grad():
+        model(x)
+        times = []
+        for _ in range(TIMED_RUNS):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _ort_latency(path: Path, ids: np.ndarray) -> float:
+    session = ort_session(path)
+    feed = {"input_ids": ids}
+    session.run(None, feed)
+    times = []
+    for _ in range(TIMED_RUNS):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _onnx_row(form: str, path: Path, model, ids: np.ndarray, report_dir: Path) -> DemoRow:
+    report = validate(path, model, shapes={"input_ids": ids.shape}, report_dir=report_dir)
+    worst = max((o.max_abs for o in report.outputs if o.output == "logits"), default=None)
+    tokens = sum(r.tokens for r in report.routing)
+    agreeing = sum(r.agreeing for r in report.routing)
+    near = sum(r.near_ties for r in report.routing)
+    routing = f"{100 * agreeing / tokens:.2f}%" + (f" ({near} near-ties)" if near else "") if tokens else "n/a"
+    size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 1e6
+    return DemoRow(f"ONNX {form} (ORT CPU)", size, _ort_latency(path, ids), worst, routing,
+                   "PASSED" if report.passed else "FAILED")
+
+
+def _engine_row(portable: Path, model: torch.nn.Module, out: Path) -> DemoRow:
+    from moexport.trt_plugins import build_engine, engine_backend
+
+    backend = engine_backend()
+    if backend is None:
+        return DemoRow("TensorRT engine", None, None, None, "—", "skipped: neither TensorRT nor TensorRT-RTX installed")
+    engine = build_engine(portable, out / f"model.portable.{backend}.plan", shapes={"input_ids": (1, DEMO_SEQ)})
+    size = engine.stat().st_size / 1e6
+    if backend == "tensorrt":
+        report = validate(engine, model, runners=["trt"], report_dir=out / "report.engine")
+        return DemoRow("TensorRT engine (portable graph)", size, report.latency_ms.get("tensorrt"),
+                       max((o.max_abs for o in report.outputs), default=None), "—",
+                       "PASSED" if report.passed else "FAILED")
+    return DemoRow("TensorRT-RTX engine (portable graph)", size, None, None, "—",
+                   "built; not run (TensorRT-RTX runs on RTX GPUs only)")
+
+
+def summary_table(rows: list[DemoRow], label: str) -> Table:
+    table = Table(title=f"moexport demo — {label}")
+    for column in ("artifact", "size (MB)", "latency (ms)", "max abs err (logits)", "routing agreement", "status"):
+        table.add_column(column)
+    for r in rows:
+        style = "red" if r.failed else ("green" if r.status == "PASSED" else "")
+        table.add_row(r.artifact, _fmt(r.size_mb, ".2f"), _fmt(r.latency_ms, ".2f"), _fmt(r.max_abs_err, ".2g"),
+                      r.routing, f"[{style}]{r.status}[/{style}]" if style else r.status)
+    return table
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)

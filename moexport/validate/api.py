@@ -1,0 +1,184 @@
+"""`validate`: run an artifact beside the PyTorch model it came from and report parity."""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+from polygraphy.common import TensorMetadata
+from polygraphy.comparator import Comparator
+from polygraphy.datatype import DataType
+from polygraphy.logger import G_LOGGER
+
+from moexport.core.dtypes import Tolerance, dtype_name, tolerance_for
+from moexport.core.errors import MoexportError
+from moexport.validate.compare import compare_numeric, compare_routing
+from moexport.validate.inputs import concrete_metadata, make_inputs, parse_shapes
+from moexport.validate.report import ValidationReport
+from moexport.validate.runners import (EXPERTS_PREFIX, TorchRunner, onnxrt_runner, routing_name, sigma_moe_layers,
+                                       trt_runner)
+
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+RUNNERS = ("onnxrt", "onnxrt-cuda", "trt")
+
+
+def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.nn.Module, *,
+             runners: list[str] | None = None, dtype: str | None = None, shapes: str | dict | None = None,
+             seed: int | None = None, iterations: int | None = None, atol: float | None = None,
+             rtol: float | None = None, use_text: bool | None = None, report_dir: str | os.PathLike | None = None,
+             verbose: bool = False) -> ValidationReport:
+    """Compare an exported artifact with the PyTorch model it was exported from.
+
+    Every runner gets identical inputs (seeded random data, and the shipped text sample for byte-level
+    LMs). Each output is checked elementwise against the dtype's tolerance; for every σ-MoE layer whose
+    expert indices the artifact exposes, the share of tokens with identical top-k sets is reported and
+    every disagreement is either explained by a near-tie of the reference's router logits or fails.
+
+    Args:
+        artifact: An ONNX file or a serialized TensorRT engine (.plan / .engine).
+        checkpoint: The reference: a checkpoint path (anything `moexport.load_checkpoint` reads) or a model.
+        runners: Runtimes for the artifact, compared in this order: "onnxrt" (CPU), "onnxrt-cuda", "trt".
+            Defaults to "onnxrt" (plus "onnxrt-cuda" where ONNX Runtime has CUDA) for ONNX files and
+            "trt" for engines.
+        dtype: Dtype the reference runs in. Defaults to the artifact's (recorded by the exporter).
+        shapes: Input shapes, {name: shape} or "name:[d0,d1] ..."; dynamic dimensions default to batch 2,
+            sequence 64.
+        seed: Seed of the random inputs. Defaults to 1.
+        iterations: Number of random input sets. Defaults to 2.
+        atol: Absolute tolerance. Defaults to the dtype's (moexport.core.TOLERANCES).
+        rtol: Relative tolerance. Defaults to the dtype's.
+        use_text: Also feed the text sample to byte-level LMs. Defaults to True.
+        report_dir: Folder for report.json and report.html. Defaults to writing none.
+        verbose: Show polygraphy's own log. Defaults to False.
+
+    Returns:
+        The report; truthy when everything passed.
+
+    Raises:
+        MoexportError: unreadable artifact or checkpoint, unknown runner, runtime not installed.
+    """
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise MoexportError(str(artifact), "does not exist")
+    model, reference = _reference_model(checkpoint)
+    is_engine = artifact.suffix in ENGINE_SUFFIXES
+    runners = runners or (["trt"] if is_engine else _default_onnx_runners())
+    for name in runners:
+        if name not in RUNNERS:
+            raise MoexportError(f"runner {name!r}", "is not known", f"use one of {', '.join(RUNNERS)}")
+    with contextlib.ExitStack() as stack:
+        if is_engine:
+            onnx_path, metadata, outputs, recorded_dtype = artifact, None, None, None
+        else:
+            onnx_path, metadata, outputs, recorded_dtype = _prepare_onnx(artifact, _routing_names(model), stack)
+        dtype = dtype_name(dtype or recorded_dtype or "float32")
+        tolerance = tolerance_for(dtype)
+        tolerance = Tolerance(rtol=tolerance.rtol if rtol is None else rtol,
+                              atol=tolerance.atol if atol is None else atol, tie=tolerance.tie)
+        artifact_runners = [_make_runner(name, onnx_path) for name in runners]
+        if metadata is None:
+            metadata, outputs = _engine_io(artifact_runners[0])
+        metadata = concrete_metadata(metadata, parse_shapes(shapes))
+        torch_runner = TorchRunner(model, input_metadata=metadata, output_names=outputs, dtype=dtype)
+        seed, iterations = (1 if seed is None else seed), (2 if iterations is None else iterations)
+        with _polygraphy_log(verbose):
+            feeds = make_inputs(metadata, seed=seed, iterations=iterations,
+                                vocab_size=getattr(model, "vocab_size", None), use_text=use_text is not False)
+            results = Comparator.run([torch_runner, *artifact_runners], data_loader=feeds)
+            numeric = compare_numeric(results, tolerance=tolerance, reference=torch_runner.name)
+        routing = compare_routing(results, tolerance=tolerance, reference=torch_runner.name)
+    report = ValidationReport(
+        artifact=str(artifact), reference=reference, dtype=dtype, runners=[r.name for r in artifact_runners],
+        inputs=[f"{iterations} x random (seed {seed})"] + (["text sample"] if len(feeds) > iterations else []),
+        outputs=numeric, routing=routing,
+        latency_ms={name: 1e3 * statistics.median(it.runtime for it in iters) for name, iters in results})
+    if _routing_names(model) and not _routing_names(model) & set(outputs or []):
+        report.notes.append("the artifact exposes no expert indices, so routing agreement was not checked; "
+                            "export with routing outputs (moexport export --routing-outputs)")
+    if report_dir is not None:
+        report.save(report_dir)
+    return report
+
+
+def _reference_model(checkpoint) -> tuple[torch.nn.Module, str]:
+    if isinstance(checkpoint, torch.nn.Module):
+        return checkpoint, type(checkpoint).__name__
+    from moexport.checkpoints import load_checkpoint
+
+    return load_checkpoint(checkpoint), str(checkpoint)
+
+
+def _default_onnx_runners() -> list[str]:
+    import onnxruntime
+
+    return ["onnxrt"] + (["onnxrt-cuda"] if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else [])
+
+
+def _make_runner(name: str, path: Path):
+    if name == "trt":
+        return trt_runner(path)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if name == "onnxrt-cuda" else None
+    return onnxrt_runner(path, providers=providers)
+
+
+def _routing_names(model: torch.nn.Module) -> set[str]:
+    return {routing_name(EXPERTS_PREFIX, path) for path in sigma_moe_layers(model)}
+
+
+def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitStack):
+    """Read the graph's inputs/outputs and dtype; expose internal expert-index tensors as outputs.
+
+    The exporter names each σ-MoE layer's expert indices ``experts.<module path>`` even when they are
+    not graph outputs; marking them as outputs (in a temporary copy) lets routing be compared without
+    re-exporting.
+    """
+    try:
+        model = onnx.load(str(path))
+    except Exception as error:  # onnx raises DecodeError, OSError, ...: all mean "not a readable model"
+        raise MoexportError(str(path), f"is not a readable ONNX model ({type(error).__name__}: {error})") from None
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    metadata = TensorMetadata()
+    for value in graph.input:
+        if value.name in initializers:
+            continue
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim)
+        metadata.add(value.name, DataType.from_dtype(value.type.tensor_type.elem_type, "onnx"), dims)
+    outputs = [o.name for o in graph.output]
+    recorded = {p.key: p.value for p in model.metadata_props}.get("moexport.dtype")
+    internal = sorted({o for node in graph.node for o in node.output if o in routing_names} - set(outputs))
+    if not internal:
+        return path, metadata, outputs, recorded
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    for name in internal:
+        graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.INT64), None))
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="moexport-validate-"))
+    copy = Path(folder) / path.name
+    onnx.save(model, str(copy), save_as_external_data=model.ByteSize() > 1.8e9)
+    return copy, metadata, outputs + internal, recorded
+
+
+def _engine_io(runner) -> tuple[TensorMetadata, list[str]]:
+    import tensorrt
+
+    with runner:
+        metadata = runner.get_input_metadata(use_numpy_dtypes=False)
+        engine = runner.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == tensorrt.TensorIOMode.OUTPUT]
+    return metadata, outputs
+
+
+@contextlib.contextmanager
+def _polygraphy_log(verbose: bool):
+    previous = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.CRITICAL
+    try:
+        yield
+    finally:
+        G_LOGGER.module_severity = previous

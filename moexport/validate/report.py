@@ -1,0 +1,124 @@
+"""The parity report: a terminal table (rich), JSON and a self-contained HTML page."""
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from moexport.validate.compare import OutputResult, RoutingResult
+
+
+@dataclass
+class ValidationReport:
+    """Everything one validation found. Truthy when every output and every routing check passed."""
+
+    artifact: str
+    reference: str
+    dtype: str
+    runners: list[str]
+    inputs: list[str]
+    outputs: list[OutputResult] = field(default_factory=list)
+    routing: list[RoutingResult] = field(default_factory=list)
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outputs) and all(o.passed for o in self.outputs) and all(r.passed for r in self.routing)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict:
+        routing = [{**vars(r), "agreement": r.agreement, "unexplained": r.unexplained, "passed": r.passed}
+                   for r in self.routing]
+        return {"artifact": self.artifact, "reference": self.reference, "dtype": self.dtype, "runners": self.runners,
+                "inputs": self.inputs, "passed": self.passed, "outputs": [vars(o) for o in self.outputs],
+                "routing": routing, "latency_ms": self.latency_ms, "notes": self.notes}
+
+    def print(self, console: Console | None = None) -> None:
+        """Print the report as tables."""
+        console = console or Console()
+        table = Table(title=f"Parity of {self.artifact} against {self.reference} ({self.dtype})")
+        for column in ("runner", "output", "max abs", "max rel", "mean abs", "atol / rtol", "status"):
+            table.add_column(column, no_wrap=True)
+        for o in self.outputs:
+            table.add_row(o.runner, o.output, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.mean_abs:.3g}",
+                          f"{o.atol:g} / {o.rtol:g}", _status(o.passed))
+        console.print(table)
+        if self.routing:
+            table = Table(title="Routing agreement (identical top-k expert sets)")
+            for column in ("runner", "layer", "tokens", "agreement", "near-ties", "downstream", "unexplained",
+                           "status"):
+                table.add_column(column, no_wrap=column != "layer")
+            for r in self.routing:
+                table.add_row(r.runner, r.layer or "(layer)", str(r.tokens), f"{100 * r.agreement:.2f}%",
+                              str(r.near_ties), str(r.downstream), str(r.unexplained), _status(r.passed))
+            console.print(table)
+            for r in self.routing:
+                for ex in r.examples:
+                    kind = {"near-tie": "near-tie", "downstream": "after an earlier layer's difference",
+                            "unexplained": "[red]UNEXPLAINED[/red]"}[ex["kind"]]
+                    console.print(f"  {kind}: {r.runner} layer {r.layer or '(layer)'} input {ex['iteration']} "
+                                  f"token {ex['token']}: reference experts {ex['reference']}, runner {ex['runner']}, "
+                                  f"top-k margin {ex['margin']:.3g} (near-tie below {r.tie_margin:g})")
+        for note in self.notes:
+            console.print(f"  Note: {note}")
+
+    def save(self, folder: str | os.PathLike) -> dict[str, Path]:
+        """Write report.json and report.html into `folder`; returns their paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"json": folder / "report.json", "html": folder / "report.html"}
+        _write_atomic(paths["json"], json.dumps(self.to_dict(), indent=1))
+        _write_atomic(paths["html"], self.to_html())
+        return paths
+
+    def to_html(self) -> str:
+        data = self.to_dict()
+        outputs = _html_table(["runner", "output", "max_abs", "max_rel", "mean_abs", "mean_rel", "atol", "rtol", "passed"],
+                              data["outputs"])
+        routing = _html_table(["runner", "layer", "tokens", "agreement", "near_ties", "downstream", "unexplained", "passed"],
+                              data["routing"])
+        examples = _html_table(["runner", "layer", "iteration", "token", "reference", "runner_experts", "margin", "kind"],
+                               [{"runner": r["runner"], "layer": r["layer"], **ex, "runner_experts": ex["runner"]}
+                                for r in data["routing"] for ex in r["examples"]])
+        verdict = "PASSED" if self.passed else "FAILED"
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+        return f"""<!doctype html><html><head><meta charset="utf-8"><title>moexport parity: {verdict}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px}}.False{{color:#b00;font-weight:bold}}.True{{color:#080}}</style></head>
+<body><h1>{verdict}</h1><p>artifact <code>{html.escape(self.artifact)}</code> against <code>{html.escape(self.reference)}</code>,
+dtype {self.dtype}; runners {html.escape(", ".join(self.runners))}; inputs {html.escape(", ".join(self.inputs))}</p>
+<h2>Outputs</h2>{outputs}<h2>Routing agreement</h2>{routing}<h3>Disagreeing tokens</h3>{examples}
+<h2>Notes</h2><ul>{notes}</ul></body></html>"""
+
+
+def _status(passed: bool) -> str:
+    return "[green]PASSED[/green]" if passed else "[red]FAILED[/red]"
+
+
+def _html_table(columns: list[str], rows: list[dict]) -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    head = "".join(f"<th>{c}</th>" for c in columns)
+
+    def cell(value):
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        return f'<td class="{value}">{html.escape(text)}</td>' if isinstance(value, bool) else f"<td>{html.escape(text)}</td>"
+
+    body = "".join("<tr>" + "".join(cell(row.get(c)) for c in columns) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
