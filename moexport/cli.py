@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except MoexportError as error:
         if args.verbose:
             console.print_exception()
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         status = EXIT_ERROR
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in {"validate", "demo"}:
         verdict = "PASSED" if status == EXIT_OK else "FAILED"
         console.print(f"{verdict} | Runtime: {time.perf_counter() - started:.1f}s | Command: moexport "
-                      + " ".join(sys.argv[1:] if argv is None else argv), highlight=False)
+                      + " ".join(sys.argv[1:] if argv is None else argv), highlight=False, soft_wrap=True)
     return status
 
 
