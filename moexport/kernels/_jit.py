@@ -14,8 +14,6 @@ import triton.language as tl
 # half-precision products are exact in float32 and the sum is accumulated in float32.
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
-SELECTIONS = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
 
 
 @triton.jit
@@ -31,7 +29,7 @@ def mma(a, b):
 
 @triton.jit
 def activate(x, ACTIVATION: tl.constexpr):
-    """Hidden activation of a float32 tile (codes in ACTIVATIONS; GELU is the exact erf form)."""
+    """Hidden activation of a float32 tile (codes: plan.ACTIVATION_CODES; GELU is the exact erf form)."""
     if ACTIVATION == 1:
         return tl.maximum(x, 0.0)
     elif ACTIVATION == 2:
@@ -55,11 +53,3 @@ def activate_grad(x, ACTIVATION: tl.constexpr):
         return s * (1.0 + x * (1.0 - s))
     else:
         return tl.full(x.shape, 1.0, tl.float32)
-
-
-def activation_code(name: str | None) -> int:
-    return ACTIVATIONS["none" if name is None else name]
-
-
-def selection_code(name: str) -> int:
-    return SELECTIONS[name]

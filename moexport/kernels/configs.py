@@ -1,9 +1,10 @@
 """Tile configurations: chosen by token-count bucket, never re-tuned for a new token count.
 
 A config depends on the layer's shape and on the bucket of the token count (powers of two), so a
-run over many sequence lengths compiles a handful of kernels once. `TUNED` holds configurations
-measured on the H200 (sm_90) at the paper's shapes (`moexport bench kernels --tune` writes the
-table); any shape or bucket not listed uses `default_config`.
+run over many sequence lengths compiles a handful of kernels once. `TUNED` takes measured
+configurations keyed like that (`moexport bench kernels --tune` times candidates from CUDA-graph
+replays and writes them as JSON); it ships empty: the one sweep run so far timed host overhead
+(see bench/results/kernels_notes.md), so every shape uses the bucketed `default_config`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 # Largest token count of the decode path (one token block; every selected expert read once).
 DECODE_MAX_TOKENS = 64
 
-# (role, d_in, d_out, bucket) -> config, measured on the H200; see bench/results/kernels_notes.md.
+# (role, d_in, d_out, bucket) -> config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 TUNED: dict[tuple[str, int, int, int], dict[str, int]] = {}
 
 

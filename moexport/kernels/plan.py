@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moexport.core.errors import MoexportError
 from moexport.kernels.configs import DECODE_MAX_TOKENS, bucket, pow2, tile_config
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
