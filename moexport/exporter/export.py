@@ -242,8 +242,9 @@ def _first_line(error: Exception) -> str:
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Check and write `model` atomically; weights go to `<name>.data` when it is over 2 GB."""
+def save_model(model: onnx.ModelProto, path: Path, *, check: bool = True) -> None:
+    """Write `model` atomically (checked by onnx.checker unless `check` is False); weights go to
+    `<name>.data` when it is over 2 GB."""
     external = model.ByteSize() >= _TWO_GB
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
@@ -251,8 +252,9 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(temporary), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
         try:
-            onnx.checker.check_model(str(temporary), full_check=True)
-        except onnx.checker.ValidationError as error:
+            if check:
+                onnx.checker.check_model(str(temporary), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
             raise InternalError(f"{path}: the exported graph fails onnx.checker: {_first_line(error)}") from None
         if external:
             os.replace(Path(folder) / data_name, path.parent / data_name)

@@ -55,14 +55,15 @@ class FuseReport:
     folded: int = 0
     fused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
     misses: list[str] = field(default_factory=list)
-    _pending: dict[int, tuple[gs.Node, str]] = field(default_factory=dict, repr=False)
+    _pending: dict[int, tuple[gs.Node, "_Miss"]] = field(default_factory=dict, repr=False)
 
-    def miss(self, node: gs.Node, message: str) -> None:
-        """Note why `node`'s layer was not fused by a pass (reported if no later pass fuses it)."""
-        self._pending[id(node)] = (node, message)
+    def miss(self, node: gs.Node, miss: "_Miss") -> None:
+        """Note why `node`'s layer was not fused; the deepest miss over the passes is reported if none fuses it."""
+        if id(node) not in self._pending or miss.depth > self._pending[id(node)][1].depth:
+            self._pending[id(node)] = (node, miss)
 
     def settle(self) -> None:
-        self.misses += [message for node, message in self._pending.values() if node.outputs]
+        self.misses += [f"{node.op} {node.name!r}: {miss.reason}" for node, miss in self._pending.values() if node.outputs]
         self._pending.clear()
 
     @property
@@ -239,7 +240,8 @@ class _Match:
                 if id(tensor) in keep:
                     continue
                 if id(tensor) in graph_outputs or any(id(c) not in inside for c in tensor.outputs):
-                    raise _Miss(len(self.nodes), f"intermediate {tensor.name!r} is also used outside the layer")
+                    # every template node matched: deeper than any partial match
+                    raise _Miss(len(self.nodes) + 1, f"intermediate {tensor.name!r} is also used outside the layer")
 
 
 def _try(templates, anchor: gs.Tensor, graph_outputs: set[int]):
@@ -278,7 +280,9 @@ def _fuse_routing(graph: gs.Graph, opset: int, report: FuseReport) -> int:
             continue
         k = int(np.asarray(k_input.values).reshape(-1)[0])
         templates = [(s, _routing_template(k, s, opset)) for s in SELECTIONS]
-        gates = {id(t): t for n in _cone(topk, 3) for t in n.outputs if n.op in ("Sigmoid", "Softmax", "GatherElements")}
+        depth = max(len(t.nodes) for _, t in templates)
+        gates = {id(t): t for n in _cone(topk, depth) for t in n.outputs
+                 if n.op in ("Sigmoid", "Softmax", "GatherElements")}
         for gate in gates.values():
             found, _ = _try(templates, gate, _graph_outputs(graph))
             if found is not None:
@@ -305,13 +309,13 @@ def _fuse_layers(graph: gs.Graph, form: str, opset: int, report: FuseReport) -> 
     count = 0
     for dispatch in [n for n in graph.nodes if n.op == "TopKDispatch" and _domain(n) == DOMAIN]:
         found = _match_layer(graph, dispatch, form, opset)
-        if isinstance(found, str):
+        if isinstance(found, _Miss):
             report.miss(dispatch, found)
             continue
         match, config, outputs = found
         params = {n: np.asarray(match.bound[n].values) if n in match.bound else None for n in FORM_INPUTS[form][1:]}
         if not all(isinstance(match.bound[n], gs.Constant) for n in params if n in match.bound):
-            report.miss(dispatch, f"TopKDispatch {dispatch.name!r}: the layer's weights are not all constants")
+            report.miss(dispatch, _Miss(len(match.nodes), "the layer's weights are not all constants"))
             continue
         fused = sigma_moe_parameters(form, params, config["n_experts"])
         prefix = match.bound["keys" if form == "dispatch" else "w1"].name.rsplit(".", 1)[0]
@@ -370,16 +374,15 @@ def _expert_weights(dispatch: gs.Node, router: gs.Node, form: str, n_experts: in
 
 
 def _match_layer(graph: gs.Graph, dispatch: gs.Node, form: str, opset: int):
-    """(match, config, outputs) of the σ-MoE layer around a TopKDispatch node, or a sentence on the nearest miss."""
+    """(match, config, outputs) of the σ-MoE layer around a TopKDispatch node, or the nearest miss."""
     k, selection = int(dispatch.attrs["k"]), str(dispatch.attrs.get("selection", "sigmoid"))
     router = dispatch.inputs[0].inputs[0] if dispatch.inputs[0].inputs else None
-    where = f"TopKDispatch {dispatch.name!r}"
     if router is None or router.op != "MatMul" or not isinstance(router.inputs[1], gs.Constant):
-        return f"{where}: its logits do not come from a MatMul with a constant router weight"
+        return _Miss(0, "its logits do not come from a MatMul with a constant router weight")
     d_model, n_experts = np.asarray(router.inputs[1].values).shape
     weights = _expert_weights(dispatch, router, form, n_experts)
     if weights is None:
-        return f"{where}: no float32/float16 expert weights of the {form} form next to it"
+        return _Miss(0, f"no float32/float16 expert weights of the {form} form next to it")
     dtype, expert_size = weights
     best = _Miss(-1, "no candidate output")
     for activation, bias, o_bias, with_expert in itertools.product(ACTIVATIONS, (True, False), (True, False), (True, False)):
@@ -396,7 +399,7 @@ def _match_layer(graph: gs.Graph, dispatch: gs.Node, form: str, opset: int):
             if found is not None:
                 return found[1], config, found[2]
             best = max(best, miss, key=lambda m: m.depth)
-    return f"{where}: nearest miss after {best.depth} matched nodes: {best.reason}"
+    return _Miss(best.depth, f"nearest miss ({form} form) after {best.depth} matched nodes: {best.reason}")
 
 
 # ---- driver --------------------------------------------------------------------------------------
@@ -428,6 +431,10 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
     except Exception as error:  # protobuf/IO errors of a corrupt file
         raise MoexportError(str(src), f"is not a readable ONNX model ({error})") from None
     check_opset_imports(model, str(src))
+    try:
+        onnx.checker.check_model(str(src))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise MoexportError(str(src), f"is not a valid ONNX model: {str(error).splitlines()[0]}") from None
     report = FuseReport()
     graph, opset = gs.import_onnx(model), default_opset(model)
     before = len(graph.nodes)
@@ -442,7 +449,7 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
             graph.cleanup()
     report.settle()
     if not report.changed:
-        save_model(model, dst)
+        save_model(model, dst, check=False)
         return report
     graph.fold_constants().cleanup().toposort()
     fused = gs.export_onnx(graph)

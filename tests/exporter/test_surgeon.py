@@ -1,0 +1,139 @@
+"""fuse: exact op-type lists after each pass, outputs unchanged in ONNX Runtime (its own graph
+optimisations off, so they cannot mask ours), checker, and the cases it must leave alone."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import moexport
+from moexport.core.dtypes import tolerance_for
+from moexport.core.errors import MoexportError
+from moexport.exporter.opset import DOMAIN
+from moexport.models import SigmaMoE, from_preset
+from moexport.plugins import ort_session
+
+MODES = ["dispatch", "portable"]
+
+
+def layer(bias=True, activation="relu", selection="sigmoid"):
+    module = SigmaMoE(16, 6, 8, 2, bias=bias, activation=activation, selection=selection).eval()
+    if bias:
+        with torch.no_grad():
+            module.bias.normal_()
+            module.o_bias.normal_()
+    return module
+
+
+def run(path, feeds):
+    return ort_session(path, optimization="disable").run(None, feeds)
+
+
+def assert_same_outputs(a, b, feeds, dtype="float32"):
+    """Same routing; values equal to the dtype's tolerance (fused and portable round differently in half types)."""
+    tol = tolerance_for(dtype)
+    for x, y in zip(run(a, feeds), run(b, feeds)):
+        if np.issubdtype(x.dtype, np.integer):
+            np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=tol.rtol, atol=tol.atol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias, activation, selection, routing", [
+    (True, "relu", "sigmoid", True), (False, "gelu", "softmax", False), (True, "silu", "softmax_after_topk", True)])
+def test_a_layer_fuses_into_one_node(tmp_path, mode, bias, activation, selection, routing):
+    source = moexport.export_onnx(layer(bias, activation, selection), tmp_path / "src.onnx", mode=mode,
+                                  routing_outputs=routing)
+    report = moexport.fuse(source, tmp_path / "fused.onnx")
+    expected = {"routing": int(mode == "portable"), "sigma_moe": int(mode == "dispatch"),
+                "sigma_moe_portable": int(mode == "portable")}
+    assert report.fused == expected and not report.misses
+    fused = onnx.load(tmp_path / "fused.onnx")
+    assert [(n.domain, n.op_type) for n in fused.graph.node] == [(DOMAIN, "SigmaMoE")]
+    node = fused.graph.node[0]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attributes["activation"] == activation.encode() and attributes["selection"] == selection.encode()
+    assert len([i for i in node.input if i]) == (6 if bias else 4) and len(node.output) == (2 if routing else 1)
+    onnx.checker.check_model(str(tmp_path / "fused.onnx"), full_check=True)
+    assert_same_outputs(source, tmp_path / "fused.onnx", {"x": np.random.randn(3, 7, 16).astype(np.float32)})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float16_layer_fuses(tmp_path, mode):
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode=mode, dtype="float16")
+    report = moexport.fuse(source, tmp_path / "fused.onnx")
+    assert report.changed and not report.misses
+    assert [n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node] == ["SigmaMoE"]
+    assert_same_outputs(source, tmp_path / "fused.onnx", {"x": np.random.randn(2, 5, 16).astype(np.float16)}, "float16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_every_layer_of_an_lm_fuses(tmp_path, mode):
+    model = from_preset("tiny").eval()
+    source = moexport.export_onnx(model, tmp_path / "src.onnx", mode=mode, memory=True, routing_outputs=True)
+    report = moexport.fuse(source, tmp_path / "fused.onnx")
+    assert report.fused["sigma_moe" if mode == "dispatch" else "sigma_moe_portable"] == 2 and not report.misses
+    nodes = [(n.domain, n.op_type) for n in onnx.load(tmp_path / "fused.onnx").graph.node]
+    assert [t for d, t in nodes if d == DOMAIN] == ["SigmaMoE", "SigmaMoE"]
+    feeds = {"input_ids": np.random.randint(0, 256, (2, 9)),
+             **{f"memory.{i}": np.random.randn(2, 4, 64).astype(np.float32) for i in range(2)}}
+    assert_same_outputs(source, tmp_path / "fused.onnx", feeds)
+
+
+def test_fusing_twice_changes_nothing_more(tmp_path):
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx")
+    moexport.fuse(source, tmp_path / "once.onnx")
+    report = moexport.fuse(tmp_path / "once.onnx", tmp_path / "twice.onnx")
+    assert not report.changed and "left unchanged" in str(report)
+
+
+def test_an_unrelated_graph_is_left_unchanged(tmp_path):
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [weight])
+    onnx.save(helper.make_model(graph), tmp_path / "plain.onnx")
+    report = moexport.fuse(tmp_path / "plain.onnx", tmp_path / "out.onnx")
+    assert not report.changed
+    assert onnx.load(tmp_path / "out.onnx").graph == onnx.load(tmp_path / "plain.onnx").graph
+
+
+def test_a_layer_whose_intermediate_is_used_elsewhere_is_not_fused(tmp_path):
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch")
+    model = onnx.load(source)
+    cvmm = next(n for n in model.graph.node if n.op_type == "CVMM")
+    hidden = helper.make_tensor_value_info(cvmm.output[0], TensorProto.FLOAT, ["slots", 8])
+    model.graph.output.append(hidden)  # expose the hidden units
+    onnx.save(model, tmp_path / "exposed.onnx")
+    report = moexport.fuse(tmp_path / "exposed.onnx", tmp_path / "out.onnx")
+    assert not report.changed
+    assert any("also used outside the layer" in miss for miss in report.misses)
+
+
+def test_a_changed_constant_is_the_nearest_miss(tmp_path):
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch")
+    model = onnx.load(source)
+    div = next(n for n in model.graph.node if n.op_type == "Div")  # src_row = sorted_slot // k
+    constant = next(n for n in model.graph.node if n.output[0] == div.input[1])
+    constant.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array(3, np.int32)))
+    onnx.save(model, tmp_path / "changed.onnx")
+    report = moexport.fuse(tmp_path / "changed.onnx", tmp_path / "out.onnx")
+    assert not report.changed
+    assert any("nearest miss" in miss and "differs from the template" in miss for miss in report.misses)
+
+
+def test_unknown_op_set_version_is_rejected(tmp_path):
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx")
+    model = onnx.load(source)
+    next(o for o in model.opset_import if o.domain == DOMAIN).version = 7
+    onnx.save(model, tmp_path / "v7.onnx")
+    with pytest.raises(MoexportError, match="moexport op-set version 7"):
+        moexport.fuse(tmp_path / "v7.onnx", tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unknown_pass_is_named(tmp_path):
+    with pytest.raises(MoexportError, match="are not fusion passes"):
+        moexport.fuse(tmp_path / "a.onnx", tmp_path / "b.onnx", passes=("experts",))

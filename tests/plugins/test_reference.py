@@ -1,0 +1,39 @@
+"""The NumPy references and their onnx.reference operators, against the PyTorch model."""
+import numpy as np
+import pytest
+import torch
+
+from moexport.models import route
+from moexport.plugins import reference_evaluator, sigma_moe, topk_dispatch
+
+from conftest import single_node_model
+from test_runtime import sigma_moe_case, tied_logits
+
+
+@pytest.mark.parametrize("selection", ["sigmoid", "softmax", "softmax_after_topk"])
+def test_topk_dispatch_reference_follows_the_routing_rule(rng, selection):
+    logits = tied_logits(rng, 20, 7)
+    gate, expert, sorted_expert, sorted_slot = topk_dispatch(logits, 3, selection)
+    want_gate, want_expert = route(torch.from_numpy(logits), 3, selection)
+    np.testing.assert_array_equal(expert, want_expert.numpy())
+    np.testing.assert_allclose(gate, want_gate.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(sorted_expert, expert.reshape(-1)[sorted_slot])
+    assert np.all(np.diff(sorted_expert) >= 0)
+    for e in range(7):  # stable: ascending slots within one expert
+        assert np.all(np.diff(sorted_slot[sorted_expert == e]) > 0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sigma_moe_reference_matches_the_pytorch_layer(rng, bias):
+    inputs, want_y, want_expert = sigma_moe_case(rng, shape=(2, 6), e=6, k=3, activation="gelu", bias=bias)
+    y, expert = sigma_moe(**inputs, k=3, activation="gelu", with_expert=True)
+    np.testing.assert_allclose(y, want_y.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(expert, want_expert.numpy())
+
+
+def test_reference_evaluator_runs_the_op_set(rng):
+    inputs, want_y, want_expert = sigma_moe_case(rng, shape=(1,), e=5, k=5, selection="softmax", bias=True)
+    model, feeds = single_node_model("SigmaMoE", inputs, {"k": 5, "selection": "softmax"})
+    y, expert = reference_evaluator(model).run(None, feeds)
+    np.testing.assert_allclose(y, want_y.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(expert, want_expert.numpy())

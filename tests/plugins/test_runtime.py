@@ -1,0 +1,143 @@
+"""ONNX Runtime runs each op through its function body; checked against independent references.
+
+TopKDispatch against the PyTorch routing rule (`moexport.models.routing`), CVMM against the NumPy
+reference, SigmaMoE against the PyTorch σ-MoE layer. Shapes include ties, k = E and one token.
+"""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from moexport.core.errors import MoexportError
+from moexport.exporter.opset import DOMAIN
+from moexport.models import SigmaMoE, route
+from moexport.plugins import cvmm, ort_session, topk_dispatch
+
+from conftest import single_node_model
+
+SELECTIONS = ["sigmoid", "softmax", "softmax_after_topk"]
+
+
+def tied_logits(rng, n, e):
+    """Logits from 5 values, so most rows have ties, some at the top-k boundary."""
+    return rng.integers(-2, 3, size=(n, e)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n, e, k", [(1, 8, 2), (37, 8, 3), (16, 6, 6), (64, 16, 4)])
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_topk_dispatch_body_follows_the_routing_rule_with_ties(rng, n, e, k, selection):
+    logits = tied_logits(rng, n, e)
+    model, feeds = single_node_model("TopKDispatch", {"logits": logits}, {"k": k, "selection": selection})
+    gate, expert, sorted_expert, sorted_slot = ort_session(model).run(None, feeds)
+    want_gate, want_expert = route(torch.from_numpy(logits), k, selection)
+    np.testing.assert_array_equal(expert, want_expert.numpy())
+    np.testing.assert_allclose(gate, want_gate.numpy(), rtol=1e-6, atol=1e-7)
+    order = torch.sort(want_expert.reshape(-1), stable=True)
+    np.testing.assert_array_equal(sorted_slot, order.indices.numpy())
+    np.testing.assert_array_equal(sorted_expert, order.values.numpy())
+    assert {a.dtype for a in (expert, sorted_expert, sorted_slot)} == {np.dtype(np.int32)}
+
+
+@pytest.mark.parametrize("reduce", [0, 1])
+@pytest.mark.parametrize("with_gate", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float16, 1e-5)])
+def test_cvmm_body_matches_the_reference(rng, reduce, with_gate, dtype, tol):
+    n, e, k, d_in, d_out = 13, 5, 2, 6, 7
+    gate, _, sorted_expert, sorted_slot = topk_dispatch(tied_logits(rng, n, e), k)
+    rows = n * k if reduce else n
+    x = rng.standard_normal((rows, d_in)).astype(dtype)
+    weight = rng.standard_normal((e, d_in, d_out)).astype(dtype)
+    src_row = sorted_slot if reduce else sorted_slot // k
+    slot_gate = gate.reshape(-1)[sorted_slot] if with_gate else None
+    inputs = {"x": x, "sorted_expert": sorted_expert, "src_row": src_row, "dst_row": sorted_slot, "W": weight,
+              "gate": slot_gate}
+    model, feeds = single_node_model("CVMM", inputs, {"k": k, "reduce": reduce})
+    (out,) = ort_session(model).run(None, feeds)
+    want = cvmm(x, sorted_expert, src_row, sorted_slot, weight, slot_gate, reduce, k)
+    assert out.dtype == np.float32 and out.shape == want.shape
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+
+
+def sigma_moe_case(rng, *, shape, e, k, selection="sigmoid", activation="relu", bias=False, dtype=torch.float32):
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    layer = SigmaMoE(12, e, 5, k, selection=selection, activation=activation, bias=bias).eval()
+    if bias:
+        with torch.no_grad():
+            layer.bias.normal_()
+            layer.o_bias.normal_()
+    layer = layer.to(dtype)
+    x = torch.randn(*shape, 12).to(dtype)
+    numpy = (lambda t: None if t is None else t.detach().float().numpy().astype(torch.empty(0, dtype=dtype).numpy().dtype))
+    inputs = {"x": numpy(x), "expert_sel": layer.expert_sel.detach().float().numpy(), "keys": numpy(layer.keys),
+              "values": numpy(layer.values), "bias": numpy(layer.bias), "o_bias": numpy(layer.o_bias)}
+    with torch.no_grad():
+        return inputs, layer(x), layer.route(x)[1]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("activation, bias", [("relu", False), ("gelu", True), ("silu", True)])
+@pytest.mark.parametrize("shape, e, k", [((1,), 6, 2), ((3, 5), 6, 6), ((4, 9), 8, 3)])
+def test_sigma_moe_body_matches_the_pytorch_layer(rng, selection, activation, bias, shape, e, k):
+    inputs, want_y, want_expert = sigma_moe_case(rng, shape=shape, e=e, k=k, selection=selection,
+                                                 activation=activation, bias=bias)
+    attributes = {"k": k, "selection": selection, "activation": activation}
+    model, feeds = single_node_model("SigmaMoE", inputs, attributes)
+    y, expert = ort_session(model).run(None, feeds)
+    np.testing.assert_allclose(y, want_y.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(expert, want_expert.numpy())
+
+
+def test_sigma_moe_body_in_float16_is_within_tolerance(rng):
+    inputs, want_y, want_expert = sigma_moe_case(rng, shape=(2, 7), e=8, k=2, bias=True, dtype=torch.float16)
+    model, feeds = single_node_model("SigmaMoE", inputs, {"k": 2})
+    y, expert = ort_session(model).run(None, feeds)
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y.astype(np.float32), want_y.float().numpy(), rtol=1e-2, atol=1e-2)
+    np.testing.assert_array_equal(expert, want_expert.numpy())
+
+
+def test_optional_expert_output_can_be_left_out(rng):
+    inputs, want_y, _ = sigma_moe_case(rng, shape=(5,), e=4, k=2)
+    model, feeds = single_node_model("SigmaMoE", inputs, {"k": 2}, n_outputs=1)
+    (y,) = ort_session(model).run(None, feeds)
+    np.testing.assert_allclose(y, want_y.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_without_function_bodies_gets_them(rng):
+    logits = tied_logits(rng, 4, 6)
+    model, feeds = single_node_model("TopKDispatch", {"logits": logits}, {"k": 2})
+    del model.functions[:]
+    _, expert, _, _ = ort_session(model).run(None, feeds)
+    np.testing.assert_array_equal(expert, route(torch.from_numpy(logits), 2)[1].numpy())
+
+
+def test_unknown_op_set_version_is_rejected(rng, tmp_path):
+    model, _ = single_node_model("TopKDispatch", {"logits": tied_logits(rng, 4, 6)}, {"k": 2})
+    next(o for o in model.opset_import if o.domain == DOMAIN).version = 2
+    path = tmp_path / "v2.onnx"
+    onnx.save(model, path)
+    with pytest.raises(MoexportError, match=r"v2.onnx \| uses moexport op-set version 2"):
+        ort_session(path)
+
+
+def test_unknown_moexport_op_is_named(rng):
+    model, _ = single_node_model("TopKDispatch", {"logits": tied_logits(rng, 4, 6)}, {"k": 2})
+    model.graph.node.append(helper.make_node("Shuffle", ["gate"], ["shuffled"], domain=DOMAIN))
+    del model.functions[:]
+    with pytest.raises(MoexportError, match="moexport::Shuffle, which is not in the op set"):
+        ort_session(model)
+
+
+@pytest.mark.parametrize("attributes, message", [({"k": 2, "selection": "argmax"}, "selection='argmax'"),
+                                                  ({"k": 9}, "k=9 is out of range"),
+                                                  ({"k": 2, "temperature": 2}, "unknown attribute")])
+def test_bad_attributes_are_named(rng, attributes, message):
+    inputs, _, _ = sigma_moe_case(rng, shape=(3,), e=4, k=2)
+    with pytest.raises(MoexportError, match=message):
+        single_node_model("SigmaMoE", inputs, attributes)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(MoexportError, match="does not exist"):
+        ort_session(tmp_path / "nothing.onnx")
