@@ -71,6 +71,93 @@ def cmd_inspect(args):
     Console().print(describe_table(describe(args.checkpoint, k=args.k)))
 
 
+def _export_args(p):
+    p.add_argument("checkpoint", help="Checkpoint folder or file (anything `moexport inspect` reads).")
+    add_output_args(p, required=True, help="Output .onnx file (weights in <file>.data above 2 GB).")
+    p.add_argument("--mode", choices=("dispatch", "portable"), default=None,
+                   help="dispatch: TopKDispatch + CVMM nodes with function bodies; portable: standard ops only. "
+                        "Defaults to dispatch.")
+    add_precision_args(p)
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18). Defaults to 20.")
+    p.add_argument("--static", dest="dynamic", action="store_false", default=None,
+                   help="Fixed batch and sequence sizes instead of dynamic axes.")
+    p.add_argument("--routing-outputs", action="store_true", default=None,
+                   help="Add an output experts.<layer> (selected experts, int64) per σ-MoE layer.")
+    p.add_argument("--memory", action="store_true", default=None,
+                   help="Transformer-XL memory inputs memory.<i> and outputs new_memory.<i>.")
+    p.add_argument("--k", type=int, default=None, help="Experts per token of a σ-MoE layer state dict.")
+
+
+@subcommand(_export_args)
+def cmd_export(args):
+    """Export a checkpoint (LM or σ-MoE layer) to ONNX with the moexport op set.
+
+    An LM takes input_ids [batch, seq] and gives logits; a layer takes x [batch, seq, d] and gives y.
+    """
+    from moexport.checkpoints import load_checkpoint
+    from moexport.exporter import export_onnx
+
+    path = export_onnx(load_checkpoint(args.checkpoint, k=args.k), args.output, mode=args.mode, dtype=args.dtype,
+                       opset=args.opset, dynamic=args.dynamic, routing_outputs=args.routing_outputs,
+                       memory=args.memory)
+    console.print(f"wrote {path}", highlight=False)
+
+
+@subcommand(lambda p: (p.add_argument("model", help="ONNX file written by `moexport export`."),
+                       add_output_args(p, help="Output .onnx file. Defaults to <model>.fused.onnx.")))
+def cmd_fuse(args):
+    """Fuse each σ-MoE layer (dispatch or portable form) of an ONNX file into one SigmaMoE node.
+
+    Folds constants, fuses the routing and each whole layer, and reports what was fused; a graph with
+    no recognised layer is written unchanged, with the nearest miss of each candidate.
+    """
+    from pathlib import Path
+
+    from moexport.exporter import fuse
+
+    output = args.output or str(Path(args.model).with_suffix(".fused.onnx"))
+    console.print(str(fuse(args.model, output)), highlight=False)
+    console.print(f"wrote {output}", highlight=False)
+
+
+def _shape_list(text: str) -> dict[str, tuple[int, ...]]:
+    """'input_ids:[1,256] x:[2,8,64]' -> {'input_ids': (1, 256), 'x': (2, 8, 64)}."""
+    shapes = {}
+    for item in text.split():
+        name, _, dims = item.rpartition(":")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.strip("[]").split(",") if d != "")
+        except ValueError:
+            raise MoexportError(f"shape {item!r}", "is not NAME:[d,d,...]") from None
+    return shapes
+
+
+def _build_args(p):
+    p.add_argument("model", help="ONNX file (the portable form for TensorRT-RTX, until the plugins exist).")
+    add_output_args(p, help="Output engine file. Defaults to <model>.engine.")
+    add_precision_args(p)
+    for bound in ("min", "opt", "max"):
+        p.add_argument(f"--{bound}-shapes", default=None, metavar="SHAPES",
+                       help=f"{bound.capitalize()} shapes of the dynamic inputs, e.g. 'input_ids:[1,256]'.")
+
+
+@subcommand(_build_args)
+def cmd_build(args):
+    """Build a TensorRT engine (TensorRT >= 10, else TensorRT-RTX, which builds without a GPU)."""
+    from pathlib import Path
+
+    from moexport.trt_plugins import build_engine
+
+    bounds = [_shape_list(getattr(args, f"{b}_shapes") or "") for b in ("min", "opt", "max")]
+    names = set().union(*bounds)
+    missing = [n for n in names if not all(n in b for b in bounds)]
+    if missing:
+        raise MoexportError(f"input(s) {', '.join(sorted(missing))}", "need --min-shapes, --opt-shapes and --max-shapes")
+    output = args.output or str(Path(args.model).with_suffix(".engine"))
+    engine = build_engine(args.model, output, dtype=args.dtype, shapes={n: tuple(b[n] for b in bounds) for n in names})
+    console.print(f"wrote {engine}", highlight=False)
+
+
 @subcommand(lambda p: (p.add_argument("suite", help="Benchmark suite: kernels, onnx-cpu."),
                        p.add_argument("suite_args", nargs=argparse.REMAINDER,
                                       help="Options of the suite (see `moexport bench SUITE -h`).")))

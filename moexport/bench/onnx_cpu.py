@@ -30,16 +30,22 @@ from moexport.plugins import ort_session
 FORMS = ("dispatch", "portable", "fused")
 
 
-def _time(fn, iterations: int) -> tuple[float, float]:
-    """(median, min) milliseconds of `fn()` after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
+def _time(candidates: dict[str, callable], iterations: int) -> dict[str, tuple[float, float]]:
+    """(median, min) milliseconds per candidate, after 3 warm-up calls each.
+
+    The candidates take turns, one call each per round, so a change in machine load (this machine is
+    shared) hits all of them alike.
+    """
+    for fn in candidates.values():
+        for _ in range(3):
+            fn()
+    times = {name: [] for name in candidates}
     for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times)
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def _graphs(model: torch.nn.Module, folder: Path) -> dict[str, Path]:
@@ -51,24 +57,27 @@ def _graphs(model: torch.nn.Module, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def _rows(name: str, model: torch.nn.Module, feed: dict[str, np.ndarray], paths: dict[str, Path] | None,
+def _rows(name: str, model: torch.nn.Module, feed: dict[str, np.ndarray], paths: dict[str, Path],
           iterations: int, threads: int) -> list[dict]:
-    """Eager and (if `paths`) ONNX Runtime rows for one model and input."""
+    """Eager and ONNX Runtime rows for one model and input, timed in alternation."""
     inputs = [torch.from_numpy(v) for v in feed.values()]
     with torch.no_grad():
-        reference = model(*inputs).numpy()  # the σ-MoE layer's eager forward is its reference (no GPU kernels here)
-        median, best = _time(lambda: model(*inputs), iterations)
-    rows = [{"model": name, "runtime": "pytorch eager", "form": "-", "median_ms": median, "min_ms": best}]
-    for form, path in (paths or {}).items():
-        session = ort_session(path, threads=threads)
-        outputs = session.run(None, feed)
-        error = float(np.abs(outputs[0] - reference).max() / max(np.abs(reference).max(), 1e-30))
-        median, best = _time(lambda: session.run(None, feed), iterations)
-        rows.append({"model": name, "runtime": "onnxruntime cpu", "form": form, "median_ms": median, "min_ms": best,
-                     "max_rel_error": error})
-    eager = rows[0]["median_ms"]
-    for row in rows:
-        row["vs_eager"] = eager / row["median_ms"]
+        reference = model(*inputs).numpy()  # on a CPU the eager forward is the PyTorch reference
+    sessions = {form: ort_session(path, threads=threads) for form, path in paths.items()}
+    errors = {}
+    for form, session in sessions.items():
+        output = session.run(None, feed)[0]
+        errors[form] = float(np.abs(output - reference).max() / max(np.abs(reference).max(), 1e-30))
+
+    def eager():
+        with torch.no_grad():
+            model(*inputs)
+
+    candidates = {"-": eager, **{form: (lambda s=s: s.run(None, feed)) for form, s in sessions.items()}}
+    timings = _time(candidates, iterations)
+    rows = [{"model": name, "runtime": "pytorch eager" if form == "-" else "onnxruntime cpu", "form": form,
+             "median_ms": median, "min_ms": best, "vs_eager": timings["-"][0] / median,
+             "max_rel_error": errors.get(form)} for form, (median, best) in timings.items()]
     return rows
 
 
