@@ -12,6 +12,7 @@ graph cannot look good.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -52,7 +53,7 @@ def _graphs(model: torch.nn.Module, folder: Path) -> dict[str, Path]:
     """The dispatch, portable and fused ONNX files of `model`."""
     paths = {form: folder / f"{form}.onnx" for form in FORMS}
     for form in ("dispatch", "portable"):
-        export_onnx(model, paths[form], mode=form)
+        export_onnx(model, paths[form], mode=form, routing_outputs=True)
     fuse(paths["dispatch"], paths["fused"])
     return paths
 
@@ -61,13 +62,15 @@ def _rows(name: str, model: torch.nn.Module, feed: dict[str, np.ndarray], paths:
           iterations: int, threads: int) -> list[dict]:
     """Eager and ONNX Runtime rows for one model and input, timed in alternation."""
     inputs = [torch.from_numpy(v) for v in feed.values()]
-    with torch.no_grad():
-        reference = model(*inputs).numpy()  # on a CPU the eager forward is the PyTorch reference
+    reference, routes = _reference(model, inputs)
     sessions = {form: ort_session(path, threads=threads) for form, path in paths.items()}
-    errors = {}
+    errors, agreement = {}, {}
     for form, session in sessions.items():
-        output = session.run(None, feed)[0]
+        output, *experts = session.run(None, feed)
         errors[form] = float(np.abs(output - reference).max() / max(np.abs(reference).max(), 1e-30))
+        if experts:
+            same = [np.all(np.sort(a, -1) == np.sort(b, -1), -1) for a, b in zip(experts, routes)]
+            agreement[form] = float(np.mean(same))
 
     def eager():
         with torch.no_grad():
@@ -77,8 +80,31 @@ def _rows(name: str, model: torch.nn.Module, feed: dict[str, np.ndarray], paths:
     timings = _time(candidates, iterations)
     rows = [{"model": name, "runtime": "pytorch eager" if form == "-" else "onnxruntime cpu", "form": form,
              "median_ms": median, "min_ms": best, "vs_eager": timings["-"][0] / median,
-             "max_rel_error": errors.get(form)} for form, (median, best) in timings.items()]
+             "max_rel_error": errors.get(form), "routing_agreement": agreement.get(form)}
+            for form, (median, best) in timings.items()]
     return rows
+
+
+def _reference(model: torch.nn.Module, inputs: list[torch.Tensor]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Eager output and, per σ-MoE layer (module order), the experts it routes its input to."""
+    seen, hooks = [], []
+    for module in model.modules():
+        if isinstance(module, SigmaMoE):
+            hooks.append(module.register_forward_pre_hook(lambda m, args: seen.append((m, args[0]))))
+    with torch.no_grad():
+        output = model(*inputs).numpy()  # on a CPU the eager forward is the PyTorch reference
+        routes = [m.route(x)[1].numpy() for m, x in seen]
+    for hook in hooks:
+        hook.remove()
+    return output, routes
+
+
+def _cpu_name() -> str:
+    try:
+        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def _plot(rows, path: Path) -> None:
@@ -109,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results", help="Results folder. Defaults to bench/results.")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    load_start = os.getloadavg()[0]
     threads = torch.get_num_threads()
     tokens = args.tokens
     lm = from_preset("wt103_small", dropout=0.0).eval()
@@ -133,16 +160,20 @@ def main(argv: list[str] | None = None) -> int:
         advance()
     import onnxruntime
 
-    environment = {"cpu": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
-                   "onnxruntime": onnxruntime.__version__}
+    environment = {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__,
+                   "onnxruntime": onnxruntime.__version__,
+                   "load average (start, end)": f"{load_start:.1f}, {os.getloadavg()[0]:.1f}"}
     notes = ("Median and minimum of the timed runs (after 3 warm-up runs), batch 1, float32, the same threads for "
              "PyTorch and ONNX Runtime. vs_eager > 1 means faster than PyTorch eager on the same model and input. "
-             "max_rel_error: max |onnx - eager| / max |eager| of the output. Forms: dispatch = TopKDispatch + CVMM "
+             "max_rel_error: max |onnx - eager| / max |eager| of the output; routing_agreement: fraction of tokens "
+             "(over all σ-MoE layers) whose top-k expert set equals PyTorch's, reported apart from the numeric "
+             "error. The machine is shared with other jobs (load averages in the header); the forms are timed in "
+             "alternation so that load hits them alike, and the minima show the unloaded floor. Forms: dispatch = TopKDispatch + CVMM "
              "nodes run through their function bodies; portable = standard ops, dense-masked experts; fused = one "
              "SigmaMoE node per layer run through its function body (per-expert gather, two MatMuls, scatter-add). "
              "No compiled ONNX Runtime kernel is registered for the op set (separate issue).")
     write_results("onnx_cpu", rows, columns=["model", "runtime", "form", "median_ms", "min_ms", "vs_eager",
-                                             "max_rel_error"],
+                                             "max_rel_error", "routing_agreement"],
                   out_dir=args.out, title="ONNX Runtime CPU latency of the three graph forms vs PyTorch eager",
                   notes=notes, environment=environment, plot=_plot)
     best = min((r for r in rows if r["model"].startswith("WT103-small σ-MoE") and r["form"] != "-"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import tempfile
@@ -201,14 +202,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, mode: str | None =
 def _trace(model: nn.Module, *, mode: str, dtype: torch.dtype, opset: int, dynamic: bool, routing_outputs: bool,
            memory: bool) -> onnx.ModelProto:
     """torch.onnx (dynamo) export of the model with one SigmaMoE node per σ-MoE layer."""
-    work = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+    first = next(model.parameters())
+    same = first.dtype == dtype and first.device.type == "cpu"
+    work = model if same else copy.deepcopy(model).to(device="cpu", dtype=dtype)  # the user's model stays as it is
     experts = [] if routing_outputs else None
     args, input_names, axes = _example(work, memory, dtype)
     was_training = work.training
     work.eval()
     try:
-        with export_forwards(work, experts), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with export_forwards(work, experts), torch.no_grad(), _quiet():
             traced = _Traced(work, memory, experts)
             traced(*args)  # fills `experts` so the output names are known
             output_names = _output_names(work, memory, experts)
@@ -236,6 +238,20 @@ def _strip_wrapper_prefix(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
     return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch.onnx's progress prints, warnings and registry log lines (we show our own progress)."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registry.setLevel(level)
 
 
 def _first_line(error: Exception) -> str:

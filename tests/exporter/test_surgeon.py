@@ -82,6 +82,15 @@ def test_every_layer_of_an_lm_fuses(tmp_path, mode):
     assert_same_outputs(source, tmp_path / "fused.onnx", feeds)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_static_shape_export_fuses(tmp_path, mode):
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode=mode, dynamic=False)
+    assert [d.dim_value for d in onnx.load(source).graph.input[0].type.tensor_type.shape.dim] == [2, 8, 16]
+    report = moexport.fuse(source, tmp_path / "fused.onnx")
+    assert report.changed and not report.misses
+    assert_same_outputs(source, tmp_path / "fused.onnx", {"x": np.random.randn(2, 8, 16).astype(np.float32)})
+
+
 def test_fusing_twice_changes_nothing_more(tmp_path):
     source = moexport.export_onnx(layer(), tmp_path / "src.onnx")
     moexport.fuse(source, tmp_path / "once.onnx")
