@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -31,10 +32,12 @@ SHAPES = {  # name: (d_model, n_experts, expert_size, k)
 }
 TOKENS = (1, 16, 256, 4096, 32768)
 BANDWIDTH, MATMUL = 4.25e12, 690e12  # measured on the H200: copy bytes/s, bf16 GEMM FLOP/s
-GRAPH_MAX_TOKENS = 4096
+GRAPH_MAX_TOKENS = 32768
+DEVICE = "cuda"
 
-COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_mm_ms", "moe_ms", "moe_graph_ms",
-           "floor_ms", "vs_param", "vs_compute_best", "vs_grouped_mm", "max_err", "flips"]
+COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_mm_ms", "moe_ms", "floor_ms",
+           "moe_host_us", "dense_param_graph_ms", "dense_compute_graph_ms", "moe_graph_ms", "vs_param",
+           "vs_compute", "vs_compute_graph", "vs_grouped_mm", "max_err", "flips"]
 
 
 def floor_ms(d: int, E: int, G: int, k: int, T: int) -> float:
@@ -61,7 +64,8 @@ def _graphed(fn):
 class _Layer:
     """Weights of one shape, and the implementations timed against each other."""
 
-    def __init__(self, d, E, G, k, device="cuda", dtype=torch.bfloat16):
+    def __init__(self, d, E, G, k, device=None, dtype=torch.bfloat16):
+        device = device or DEVICE
         g = torch.Generator(device="cpu").manual_seed(0)
         make = lambda *s, scale: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
         self.d, self.E, self.G, self.k = d, E, G, k
@@ -109,17 +113,33 @@ def _agreement(layer: _Layer, x, y, ref) -> dict:
     return out
 
 
-def measure(name: str, T: int, *, graph: bool = True) -> dict:
-    from moexport.kernels.configs import DECODE_MAX_TOKENS
+def _host_us(fn, n: int = 100) -> float:
+    """Host time per call (microseconds) of n calls issued back to back, without waiting for the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * host / n
+
+
+def _mode(name: str, T: int) -> str:
+    from moexport.kernels.configs import bucket, experts_config
 
     d, E, G, k = SHAPES[name]
+    return experts_config(d, E, G, d, k, bucket(T))["mode"]
+
+
+def measure(name: str, T: int, *, graph: bool = True) -> dict:
+    d, E, G, k = SHAPES[name]
     layer = _Layer(d, E, G, k)
-    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    row = {"shape": name, "T": T, "path": "decode" if T <= DECODE_MAX_TOKENS else "grouped",
-           "floor_ms": floor_ms(d, E, G, k, T)}
+    x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
+    row = {"shape": name, "T": T, "path": _mode(name, T), "floor_ms": floor_ms(d, E, G, k, T)}
+    calls = {"dense_param": lambda: layer.dense(x, layer.w1, layer.w2),
+             "dense_compute": lambda: layer.dense(x, layer.c1, layer.c2), "moe": lambda: layer.moe(x)}
     with torch.no_grad():
-        row["dense_param_ms"] = _time(lambda: layer.dense(x, layer.w1, layer.w2))
-        row["dense_compute_ms"] = _time(lambda: layer.dense(x, layer.c1, layer.c2))
         y = layer.moe(x)
         try:
             ref = layer.grouped_mm(x)
@@ -127,50 +147,146 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
             row.update(_agreement(layer, x, y, ref))
         except RuntimeError as error:  # torch._grouped_mm missing or unsupported here
             row["grouped_mm_error"] = str(error).splitlines()[0]
-        row["moe_ms"] = _time(lambda: layer.moe(x))
-        if graph and T <= GRAPH_MAX_TOKENS:
-            row["moe_graph_ms"] = _time(_graphed(lambda: layer.moe(x)))
-            row["dense_compute_graph_ms"] = _time(_graphed(lambda: layer.dense(x, layer.c1, layer.c2)))
-    best = min(row["moe_ms"], row.get("moe_graph_ms", float("inf")))
+        for what, fn in calls.items():
+            row[f"{what}_ms"] = _time(fn)
+            row[f"{what}_host_us"] = _host_us(fn)
+            if graph and T <= GRAPH_MAX_TOKENS:
+                row[f"{what}_graph_ms"] = _time(_graphed(fn))
     row["vs_param"] = row["moe_ms"] / row["dense_param_ms"]
-    row["vs_compute_best"] = best / row["dense_compute_ms"]
+    row["vs_compute"] = row["moe_ms"] / row["dense_compute_ms"]
+    if "moe_graph_ms" in row:
+        row["vs_param_graph"] = row["moe_graph_ms"] / row["dense_param_graph_ms"]
+        row["vs_compute_graph"] = row["moe_graph_ms"] / row["dense_compute_graph_ms"]
     if "grouped_mm_ms" in row:
         row["vs_grouped_mm"] = row["grouped_mm_ms"] / row["moe_ms"]
     return row
 
 
-CANDIDATES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-    (64, 64, 64, 4, 3)]
+def candidates(name: str, T: int) -> list[dict]:
+    """Experts configs worth timing for a shape and token count (see `configs.experts_config`)."""
+    from moexport.kernels.configs import DECODE_MAX_TOKENS, bucket, experts_config
+
+    d, E, G, k = SHAPES[name]
+    default = experts_config(d, E, G, d, k, bucket(T))
+    fields = ("BLOCK_M", "BLOCK_G", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages")
+    if T <= DECODE_MAX_TOKENS:
+        m = default["BLOCK_M"]
+        grid = [(m, 16, 128, 128, 4, 3), (m, 32, 128, 128, 4, 3), (m, 64, 128, 128, 4, 3),
+                (m, 32, 256, 256, 8, 3), (m, 32, 64, 64, 4, 4), (m, 16, 256, 128, 4, 4)]
+        mode = "decode"
+    elif T <= 1024:
+        grid = [(16, 32, 64, 128, 4, 3), (32, 32, 64, 128, 4, 3), (32, 64, 64, 128, 4, 3), (64, 64, 64, 128, 4, 3),
+                (32, 128, 64, 64, 4, 3), (64, 32, 128, 128, 4, 3)]
+        mode = "fused"
+    else:
+        grid = [(128, 128, 64, 64, 8, 3), (128, 128, 64, 128, 8, 3), (128, 128, 64, 64, 8, 4),
+                (64, 128, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3), (64, 256, 64, 64, 8, 3),
+                (128, 128, 128, 64, 8, 2)]
+        mode = "fused"
+    out = [default] + [dict(zip(fields, c), mode=mode) for c in grid]
+    if T > DECODE_MAX_TOKENS:
+        out.append({"mode": "split"})
+    unique = []
+    for c in out:
+        if c not in unique and c.get("BLOCK_G", 0) <= max(G, 16):
+            unique.append(c)
+    return unique
+
+
+def _tuned_key(name: str, T: int) -> tuple:
+    from moexport.kernels.configs import bucket
+
+    d, E, G, k = SHAPES[name]
+    return ("experts", d, E, G, d, k, bucket(T))
+
+
+def _use(name: str, T: int, config: dict | None) -> None:
+    """Make `config` the experts config of (shape, T) for the next plans built."""
+    from moexport.kernels import configs, ops
+
+    if config is not None:
+        configs.TUNED[_tuned_key(name, T)] = dict(config)
+    ops._PLANS.clear()
+    ops._LAYER_PLANS.clear()
+
+
+def _warm_one(task: tuple) -> str:
+    """Compile (into Triton's disk cache) the kernels of one (shape, T, config), in a worker process."""
+    name, T, config = task
+    try:
+        _use(name, T, config)
+        layer = _Layer(*SHAPES[name])
+        with torch.no_grad():
+            layer.moe(torch.randn(T, layer.d, device=DEVICE, dtype=torch.bfloat16))
+        torch.cuda.synchronize()
+        return ""
+    except Exception as error:  # noqa: BLE001 - reported, and the main process meets it again
+        return f"{task}: {str(error).splitlines()[0][:160]}"
+
+
+def warm(tasks: list[tuple], jobs: int) -> None:
+    """Compile the kernels of many (shape, T, config) in `jobs` processes at once: the Triton
+    compiler is single-threaded, the timing process then loads them from the disk cache."""
+    if jobs <= 1 or not tasks:
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for problem in pool.map(_warm_one, tasks):
+            if problem:
+                print(f"warm-up failed: {problem}")
+
+
+def _kernel_us(fn, n: int = 5) -> dict:
+    """Mean GPU time (microseconds) of each kernel of fn over n back-to-back calls (L2 not flushed),
+    from the profiler; empty where the profiler cannot trace the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        return {e.key[:60]: getattr(e, "device_time_total", 0) / n for e in prof.key_averages()
+                if getattr(e, "device_time_total", 0) > 0}
+    except Exception as error:  # noqa: BLE001 - a diagnostic only
+        return {"error": str(error).splitlines()[0][:160]}
 
 
 def tune(name: str, T: int) -> dict:
-    """Best config of the up and the down CVMM for one shape and token bucket (timing the layer)."""
-    from moexport.kernels import configs, ops
-
+    """Time every candidate experts config of one shape and token count (eager and graph replay),
+    checking each one's output against torch._grouped_mm; returns them all, best (eager) first."""
     d, E, G, k = SHAPES[name]
     layer = _Layer(d, E, G, k)
-    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    found = {}
-    for role, dims in (("up", (d, G)), ("down", (G, d))):
-        key = (role, *dims, configs.bucket(T))
-        timings = []
-        for bm, bn, bk, warps, stages in CANDIDATES:
-            configs.TUNED[key] = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
-            if role == "down":  # the two projections share the tile map, so the up config's BLOCK_M
-                configs.TUNED[key]["BLOCK_M"] = found["up"][1]["BLOCK_M"]
-            ops._PLANS.clear()
+    x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
+    timings = []
+    with torch.no_grad():
+        ref = layer.grouped_mm(x)
+        for config in candidates(name, T):
+            _use(name, T, config)
             try:
-                with torch.no_grad():
-                    timings.append((_time(_graphed(lambda: layer.moe(x))), dict(configs.TUNED[key])))
+                agree = _agreement(layer, x, layer.moe(x), ref)
+                timings.append({"config": config, "ms": _time(lambda: layer.moe(x)),
+                                "graph_ms": _time(_graphed(lambda: layer.moe(x))), **agree})
             except Exception as error:  # noqa: BLE001 - a config that does not compile is skipped
-                print(f"skip {key} {configs.TUNED[key]}: {str(error).splitlines()[0][:120]}")
-        found[role] = min(timings, key=lambda t: t[0])
-        configs.TUNED[key] = found[role][1]
-    ops._PLANS.clear()
-    return {"keys": {role: [role, *dims, configs.bucket(T)] for role, dims in (("up", (d, G)), ("down", (G, d)))},
-            "configs": {role: cfg for role, (_, cfg) in found.items()},
-            "timings": {role: ms for role, (ms, _) in found.items()}}
+                print(f"skip {name} T={T} {config}: {str(error).splitlines()[0][:120]}")
+    from moexport.kernels import configs
+
+    ok = [t for t in timings if t["max_err"] < 0.02]
+    ok.sort(key=lambda t: t["ms"])
+    kernels = {}
+    if ok:
+        _use(name, T, ok[0]["config"])
+        with torch.no_grad():
+            kernels = _kernel_us(lambda: layer.moe(x))
+    configs.TUNED.pop(_tuned_key(name, T), None)
+    return {"shape": name, "T": T, "key": list(_tuned_key(name, T)), "best": ok[0]["config"] if ok else None,
+            "kernels_us": kernels,
+            "dense_param_ms": _time(lambda: layer.dense(x, layer.w1, layer.w2)),
+            "dense_compute_ms": _time(lambda: layer.dense(x, layer.c1, layer.c2)), "timings": timings}
 
 
 def _plot(rows, path: Path) -> None:
@@ -207,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", nargs="*", type=int, default=None, help="Defaults to 1 16 256 4096 32768.")
     parser.add_argument("--no-graph", action="store_true", help="Do not time the CUDA-graph replays.")
     parser.add_argument("--tune", action="store_true",
-                        help="Instead of benchmarking, time the candidate CVMM configs and write them as JSON.")
+                        help="Instead of benchmarking, time the candidate experts configs; write them all as JSON "
+                             "and print the best in the form of `configs.TUNED`.")
+    parser.add_argument("--jobs", type=int, default=1, help="Processes compiling kernels ahead. Defaults to 1.")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="Only compile (with --jobs processes) the kernels the run would time, then exit.")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise MoexportError("moexport bench kernels", "needs a CUDA GPU", "run it on the H200")
@@ -216,17 +336,27 @@ def main(argv: list[str] | None = None) -> int:
         if s not in SHAPES:
             raise MoexportError(f"--shapes {s}", "is not a known shape", f"use some of {', '.join(SHAPES)}")
     gpu = torch.cuda.get_device_name()
+    cells = [(s, t) for s in shapes for t in (args.tokens or TOKENS)]
+    out_dir = Path(args.output or "bench/results")
+    tasks = [(s, t, c) for s, t in cells for c in (candidates(s, t) if args.tune else [None])]
+    if args.compile_only:
+        warm(tasks, max(2, args.jobs))
+        return 0
+    warm(tasks, args.jobs)
     if args.tune:
-        found = [tune(s, t) for s in shapes for t in (args.tokens or (4096, 32768))]
-        out = Path(args.output or "bench/results") / f"kernels_tuned_{gpu.split()[-1].lower()}.json"
+        found = [tune(s, t) for s, t in cells]
+        out = out_dir / f"kernels_tuned_{gpu.split()[-1].lower()}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(found, indent=1))
-        print(out)
+        for cell in found:
+            best = next((t for t in cell["timings"] if t["config"] == cell["best"]), {})
+            print(f"{cell['shape']:12s} T={cell['T']:<6d} dense {cell['dense_param_ms']:.4f}/{cell['dense_compute_ms']:.4f}"
+                  f" best {best.get('ms', 0):.4f} graph {best.get('graph_ms', 0):.4f} {cell['best']}")
+        print("TUNED = {" + ", ".join(f"{tuple(c['key'])}: {c['best']}" for c in found if c["best"]) + "}")
         return 0
     rows = []
     from moexport.core.progress import progress
 
-    cells = [(s, t) for s in shapes for t in (args.tokens or TOKENS)]
     with progress("benchmarking kernels", len(cells)) as advance:
         for shape, T in cells:
             rows.append(measure(shape, T, graph=not args.no_graph))
@@ -235,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "dtype": "bfloat16"}
     name = args.name or "kernels_" + gpu.split()[-1].lower()
-    paths = write_results(name, rows, columns=COLUMNS, out_dir=args.output or "bench/results",
+    paths = write_results(name, rows, columns=COLUMNS, out_dir=out_dir,
                           title="σ-MoE FFN forward: moexport kernels vs baselines", notes=NOTES,
                           environment=env, plot=_plot)
     print(json.dumps({k: str(v) for k, v in paths.items()}))

@@ -1,10 +1,9 @@
 """Tile configurations: chosen by token-count bucket, never re-tuned for a new token count.
 
 A config depends on the layer's shape and on the bucket of the token count (powers of two), so a
-run over many sequence lengths compiles a handful of kernels once. `TUNED` takes measured
-configurations keyed like that (`moexport bench kernels --tune` times candidates from CUDA-graph
-replays and writes them as JSON); it ships empty: the one sweep run so far timed host overhead
-(see bench/results/kernels_notes.md), so every shape uses the bucketed `default_config`.
+run over many sequence lengths compiles a handful of kernels once. `TUNED` holds measured
+configurations keyed like that (`moexport bench kernels --tune` times candidates on the GPU and
+prints them in this form); keys it lacks fall back to the heuristics below.
 """
 from __future__ import annotations
 
@@ -13,13 +12,17 @@ from typing import Any
 # Largest token count of the decode path (one token block; every selected expert read once).
 DECODE_MAX_TOKENS = 64
 
-# (role, d_in, d_out, bucket) -> config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-TUNED: dict[tuple[str, int, int, int], dict[str, int]] = {}
+# Streaming multiprocessors to keep busy (H100 / H200: 132).
+SMS = 132
+
+# (role, d_in, d_out, bucket) -> CVMM config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), and
+# ("experts", d, n_experts, expert_size, v_dim, k, bucket) -> `experts_config`.
+TUNED: dict[tuple, dict[str, Any]] = {}
 
 
 def bucket(n_tokens: int) -> int:
-    """The power of two at or above n_tokens (at least 16): the key of the config tables."""
-    return max(16, 1 << max(0, int(n_tokens) - 1).bit_length())
+    """The power of two at or above n_tokens: the key of the config tables."""
+    return 1 << max(0, int(n_tokens) - 1).bit_length()
 
 
 def pow2(n: int, floor: int = 16) -> int:
@@ -27,11 +30,9 @@ def pow2(n: int, floor: int = 16) -> int:
 
 
 def default_config(role: str, d_in: int, d_out: int, n_bucket: int, rows_per_expert: int) -> dict[str, int]:
-    """A reasonable config when no tuned one exists (roles: 'up', 'down', 'wgrad', 'route', 'decode')."""
+    """A reasonable config when no tuned one exists (roles: 'up', 'down', 'wgrad', 'route')."""
     if role == "route":
         return {"BLOCK_N": 16 if n_bucket <= 1024 else 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
-    if role == "decode":
-        return {"BLOCK_T": pow2(n_bucket), "BLOCK_D": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
     if role == "wgrad":
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
     block_m = min(128, pow2(rows_per_expert))
@@ -51,3 +52,35 @@ def tile_config(role: str, d_in: int, d_out: int, n_tokens: int, *, rows_per_exp
     if key in TUNED:
         return dict(TUNED[key])
     return default_config(role, d_in, d_out, bucket(n_tokens), rows_per_expert)
+
+
+def _pow2_below(x: float) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
+
+
+def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int, n_bucket: int) -> dict[str, Any]:
+    """How the inference forward runs the experts for a layer shape and token bucket.
+
+    `mode`: 'decode' (no dispatch; one program per expert and hidden chunk of BLOCK_G units, all
+    BLOCK_M >= N tokens masked by choice), 'fused' (row tiles of BLOCK_M dispatched rows, up and
+    down in one program) or 'split' (two CVMM launches, configs of `tile_config`). The defaults
+    give every SM a couple of programs; `TUNED` overrides them with measured ones.
+    """
+    key = ("experts", d, n_experts, expert_size, v_dim, k, n_bucket)
+    if key in TUNED:
+        return dict(TUNED[key])
+    G = expert_size
+    if n_bucket <= DECODE_MAX_TOKENS:
+        used = n_experts * (1 - (1 - k / n_experts) ** n_bucket)  # experts expected to be chosen
+        block_g = min(64, pow2(G), max(16, _pow2_below(used * G / (2 * SMS))))
+        return {"mode": "decode", "BLOCK_M": pow2(n_bucket), "BLOCK_G": block_g, "BLOCK_D": 128, "BLOCK_N": 128,
+                "num_warps": 4, "num_stages": 3}
+    rows = n_bucket * k // n_experts
+    block_m = min(128, pow2(rows))
+    tiles = n_experts * -(-rows // block_m)
+    block_g = min(128, pow2(G))
+    while block_g > 32 and tiles * -(-G // block_g) < 2 * SMS:
+        block_g //= 2
+    big = block_m * block_g >= 128 * 64
+    return {"mode": "fused", "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": 64, "BLOCK_N": 64 if big else 128,
+            "num_warps": 8 if big else 4, "num_stages": 3}

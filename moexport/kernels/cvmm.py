@@ -8,7 +8,9 @@ input rows are gathered through `src`, and one of three epilogues runs on each t
 - EPILOGUE 0, store: (+ bias[e]) -> activation -> (* gate) -> out[dst] in the output dtype; the
   float32 pre-activation can be kept for the backward pass.
 - EPILOGUE 1, reduce: gate * tile added in float32 (atomics) into out[dst // DST_DIV]: the k
-  contributions of a token meet in a float32 accumulator, never as [N*k, d] rows in memory.
+  contributions of a token meet in a float32 accumulator, never as [N*k, d] rows in memory. With
+  y_ptr, the last of a token's DST_DIV contributions to a column tile rounds it into y
+  (`experts.finish_rows`, counters [N, column tiles] zeroed by the route kernel).
 - EPILOGUE 2, backward through gate and activation: the tile is dL/dh (without the gate); it writes
   dL/dpre = gate * tile * act'(pre) and adds sum(tile * h) to dgate[dst].
 
@@ -25,6 +27,7 @@ import triton
 import triton.language as tl
 
 from moexport.kernels._jit import activate, activate_grad, mma
+from moexport.kernels.experts import finish_rows
 
 
 @triton.jit
@@ -35,6 +38,8 @@ def cvmm_kernel(
     h_ptr, pre_ptr,
     # outputs
     out_ptr, pre_out_ptr, dgate_ptr,
+    # EPILOGUE 1 rounded in the launch: contribution counters, output bias, output
+    count_ptr, o_bias_ptr, y_ptr,
     E: tl.constexpr, K_IN: tl.constexpr, N_OUT: tl.constexpr,
     stride_we: tl.constexpr, stride_wk: tl.constexpr, stride_wn: tl.constexpr,
     SRC_DIV: tl.constexpr, DST_DIV: tl.constexpr, GATE_BY_DST: tl.constexpr,
@@ -85,8 +90,12 @@ def cvmm_kernel(
     elif EPILOGUE == 1:
         if gate_ptr is not None:
             acc = acc * g[:, None]
-        tl.atomic_add(out_ptr + (dst // DST_DIV).to(tl.int64)[:, None] * N_OUT + n[None, :], acc,
-                      mask=ok, sem="relaxed")
+        tok = dst // DST_DIV
+        tl.atomic_add(out_ptr + tok.to(tl.int64)[:, None] * N_OUT + n[None, :], acc, mask=ok, sem="relaxed")
+        if y_ptr is not None:
+            col = tl.program_id(0) % n_col
+            finish_rows(out_ptr, count_ptr + tok * n_col + col, o_bias_ptr, y_ptr, tok, row_ok, col * BLOCK_N,
+                        DST_DIV, BLOCK_N, N_OUT, BLOCK_N)
     else:
         at = p.to(tl.int64)[:, None] * N_OUT + n[None, :]
         h = tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32)

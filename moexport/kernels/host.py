@@ -1,5 +1,13 @@
-"""The PyTorch host of launch plans: allocates the plan's buffers and launches its steps through
-Triton's JIT on the current stream (CPU tensors run under TRITON_INTERPRET=1)."""
+"""The PyTorch host of launch plans: allocates the plan's buffers and launches its steps on the
+current stream (CPU tensors run under TRITON_INTERPRET=1).
+
+The first call for a plan and input shapes launches through Triton's JIT (`fn[grid](...)`), which
+compiles and returns each step's compiled kernel. Later calls on CUDA launch those compiled kernels
+directly with their arguments laid out once (pointers as integers, the workspace one allocation):
+the same kernels and arguments, without Triton's per-call binding and specialisation (tens of
+microseconds per launch with Triton 3.6). Triton's launch hooks (profilers) or an input pointer
+not aligned like the first call's send a call back through the JIT.
+"""
 from __future__ import annotations
 
 import importlib
@@ -13,6 +21,8 @@ from moexport.kernels.plan import Plan, evaluate
 
 _SYMBOL = re.compile(r"^[A-Za-z_]\w*$")
 _KERNELS: dict[str, object] = {}
+_ALIGN = 256  # byte alignment of each workspace buffer inside the one allocation
+_MAX_PREPARED = 512
 
 
 def kernel(name: str):
@@ -51,49 +61,122 @@ def _dtype(name: str) -> torch.dtype:
     return torch.int32 if name == "int32" else torch_dtype(name)
 
 
+class _Prepared:
+    """One plan at one set of input shapes: every expression evaluated, the workspace laid out,
+    and (after the first CUDA call) each step's compiled launcher with its argument template."""
+
+    def __init__(self, plan: Plan, shapes: dict[str, tuple[int, ...]]):
+        self.plan = plan  # held, so that id(plan) in the cache key is not reused by another plan
+        symbols = bind_symbols(plan, shapes)
+        if plan.notes.get("mode") == "decode" and symbols.get("N", 0) > plan.max_tokens:
+            raise InternalError(f"decode plan for {plan.max_tokens} tokens given {symbols['N']}")
+        shape_of = lambda buf: tuple(evaluate(e, symbols) for e in buf.shape)  # noqa: E731
+        self.outputs = [(b.name, shape_of(b), _dtype(b.dtype), b.zero) for b in plan.outputs]
+        self.workspace, offset = [], 0
+        for b in plan.workspace:
+            shape, dtype = shape_of(b), _dtype(b.dtype)
+            self.workspace.append((b.name, offset, shape, dtype, b.zero))
+            numel = 1
+            for size in shape:
+                numel *= size
+            offset += -(-numel * dtype.itemsize // _ALIGN) * _ALIGN
+        self.workspace_bytes = offset
+        names = {b.name for b in (*plan.inputs, *plan.outputs, *plan.workspace)}
+        self.steps = []
+        if symbols.get("N", 1) > 0 and symbols.get("S", 1) > 0:
+            for step in plan.steps:
+                args = {name: (value in names, value if value is None or value in names else evaluate(value, symbols))
+                        for name, value in step.args.items()}
+                options = dict(step.constexprs, num_warps=step.num_warps, num_stages=step.num_stages)
+                self.steps.append((kernel(step.kernel), tuple(evaluate(g, symbols) for g in step.grid), args, options))
+        self.inputs = [(b.name, _dtype(b.dtype), b.strided) for b in plan.inputs]
+        self.fast: list | None = None  # compiled launchers, once a CUDA call has compiled every step
+        self.aligned: dict[str, bool] = {}  # input name -> was 16-byte aligned when compiled
+
+    def record(self, compiled: list, pointers: dict[str, int]) -> None:
+        """Lay out each step's arguments for its compiled launcher (Triton's order: every parameter,
+        constexprs included; buffers as integer device pointers, filled in per call)."""
+        fast = []
+        for (fn, grid, args, options), kernel_ in zip(self.steps, compiled):
+            template, slots = [], []
+            for i, name in enumerate(fn.arg_names):
+                if name in args:
+                    is_buffer, value = args[name]
+                    if is_buffer:
+                        slots.append((i, value))
+                    template.append(None if is_buffer else value)
+                else:
+                    template.append(options[name])
+            grid3 = (*grid, 1, 1)[:3]
+            fast.append((kernel_.run, grid3, kernel_.function, kernel_.packed_metadata, template, slots))
+        self.fast = fast
+        self.aligned = {name: ptr % 16 == 0 for name, ptr in pointers.items()}
+
+
+_PREPARED: dict[tuple, _Prepared] = {}
+
+
+def _launch_hooks_set() -> bool:
+    try:
+        from triton import knobs
+    except ImportError:  # triton before 3.4: no knobs, no fast path
+        return True
+    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+
+
 def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
     """Run `plan` on `tensors` (its inputs by name; optional ones may be None) and return its outputs.
 
     Raises:
         MoexportError: an input is missing or has the wrong shape or dtype.
     """
-    shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items() if t is not None)
-    key = (id(plan), shapes)
-    if key not in _PREPARED:
-        _PREPARED[key] = _prepare(plan, dict(shapes))
-    allocations, launches = _PREPARED[key]
     device = next(t.device for t in tensors.values() if t is not None)
+    shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items() if t is not None)
+    key = (id(plan), shapes, device)
+    prepared = _PREPARED.get(key)
+    if prepared is None:
+        if len(_PREPARED) >= _MAX_PREPARED:
+            _PREPARED.clear()
+        prepared = _PREPARED[key] = _Prepared(plan, dict(shapes))
     buffers: dict[str, torch.Tensor | None] = {}
-    for buf in plan.inputs:
-        t = tensors.get(buf.name)
-        if t is not None and t.dtype != _dtype(buf.dtype):
-            if buf.dtype != "int32" or t.is_floating_point():
-                raise MoexportError(f"tensor {buf.name!r}", f"has dtype {t.dtype}, the plan needs {buf.dtype}")
+    for name, dtype, strided in prepared.inputs:
+        t = tensors.get(name)
+        if t is not None and t.dtype != dtype:
+            if dtype != torch.int32 or t.is_floating_point():
+                raise MoexportError(f"tensor {name!r}", f"has dtype {t.dtype}, the plan needs {dtype}")
             t = t.to(torch.int32)
-        buffers[buf.name] = t if t is None or buf.strided else t.contiguous()
-    for name, shape, dtype, zero in allocations:
+        buffers[name] = t if t is None or strided else t.contiguous()
+    for name, shape, dtype, zero in prepared.outputs:
         buffers[name] = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-    for fn, grid, args, options in launches:
-        fn[grid](**{n: (buffers[v] if kind else v) for n, kind, v in args}, **options)
-    return {buf.name: buffers[buf.name] for buf in plan.outputs}
+    workspace = torch.empty(max(prepared.workspace_bytes, 1), dtype=torch.uint8, device=device)
+    if prepared.fast is not None and not _launch_hooks_set():
+        pointers = {n: t.data_ptr() for n, t in buffers.items() if t is not None}
+        if all((pointers[n] % 16 == 0) == ok for n, ok in prepared.aligned.items() if n in pointers):
+            base = workspace.data_ptr()
+            for name, offset, shape, dtype, zero in prepared.workspace:
+                pointers[name] = base + offset
+                if zero:
+                    _view(workspace, offset, shape, dtype).zero_()
+            stream = torch._C._cuda_getCurrentRawStream(device.index)
+            for run, (g0, g1, g2), function, metadata, template, slots in prepared.fast:
+                values = list(template)
+                for i, name in slots:
+                    values[i] = pointers[name]
+                run(g0, g1, g2, stream, function, metadata, None, None, None, *values)
+            return {name: buffers[name] for name, *_ in prepared.outputs}
+    for name, offset, shape, dtype, zero in prepared.workspace:
+        buffers[name] = _view(workspace, offset, shape, dtype)
+        if zero:
+            buffers[name].zero_()
+    compiled = [fn[grid](**{n: (buffers[v] if is_buffer else v) for n, (is_buffer, v) in args.items()}, **options)
+                for fn, grid, args, options in prepared.steps]
+    if device.type == "cuda" and prepared.fast is None and not _launch_hooks_set():
+        prepared.record(compiled, {n: buffers[n].data_ptr() for n, *_ in prepared.inputs if buffers[n] is not None})
+    return {name: buffers[name] for name, *_ in prepared.outputs}
 
 
-# (plan, input shapes) -> allocations and launches with every expression evaluated
-_PREPARED: dict[tuple, tuple[list, list]] = {}
-
-
-def _prepare(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> tuple[list, list]:
-    symbols = bind_symbols(plan, shapes)
-    if plan.max_tokens is not None and plan.notes.get("decode") and symbols.get("N", 0) > plan.max_tokens:
-        raise InternalError(f"decode plan for {plan.max_tokens} tokens given {symbols['N']}")
-    allocations = [(buf.name, tuple(evaluate(e, symbols) for e in buf.shape), _dtype(buf.dtype), buf.zero)
-                   for buf in (*plan.outputs, *plan.workspace)]
-    names = {b.name for b in (*plan.inputs, *plan.outputs, *plan.workspace)}
-    launches = []
-    if symbols.get("N", 1) > 0 and symbols.get("S", 1) > 0:
-        for step in plan.steps:
-            args = [(name, value in names, value if value is None or value in names else evaluate(value, symbols))
-                    for name, value in step.args.items()]
-            options = dict(step.constexprs, num_warps=step.num_warps, num_stages=step.num_stages)
-            launches.append((kernel(step.kernel), tuple(evaluate(g, symbols) for g in step.grid), args, options))
-    return allocations, launches
+def _view(workspace: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return workspace[offset:offset + numel * dtype.itemsize].view(dtype).view(shape)

@@ -1,7 +1,7 @@
 """The kernels as PyTorch operators: `torch.library` custom ops (CUDA-graph capturable, opaque to
 torch.compile) for inference, and an autograd Function for training.
 
-Three layers, as in scattermoe: the Triton kernels (routing, cvmm, decode), the launch plans that
+Three layers, as in scattermoe: the Triton kernels (routing, cvmm, experts), the launch plans that
 sequence them (plan.py, run by host.py), and these functions, which check inputs and pick plans.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from moexport.core.dtypes import dtype_name
 from moexport.core.errors import MoexportError
@@ -41,14 +42,24 @@ def _shape(x, expert_sel, keys, values, bias, k, selection, activation) -> plans
     return plans.MoEShape(d, E, G, values.shape[-1], k, dtype_name(x.dtype), selection, activation, bias is not None)
 
 
-@torch.library.custom_op("moexport::sigma_moe", mutates_args=())
-def _sigma_moe_op(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  bias: Optional[torch.Tensor], o_bias: Optional[torch.Tensor], k: int, selection: str,
-                  activation: str) -> torch.Tensor:
-    shape = _shape(x, expert_sel, keys, values, bias, k, selection, activation)
-    plan = _plan(plans.sigma_moe_plan, shape, bucket(x.shape[0]))
+def _sigma_moe(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               bias: Optional[torch.Tensor], o_bias: Optional[torch.Tensor], k: int, selection: str,
+               activation: str) -> torch.Tensor:
+    key = (bucket(x.shape[0]), x.dtype, tuple(keys.shape), values.shape[-1], k, selection, activation,
+           bias is not None)
+    plan = _LAYER_PLANS.get(key)
+    if plan is None:
+        shape = _shape(x, expert_sel, keys, values, bias, k, selection, activation)
+        plan = _LAYER_PLANS[key] = _plan(plans.sigma_moe_plan, shape, bucket(x.shape[0]))
     return run_plan(plan, {"x": x, "expert_sel": expert_sel, "keys": keys, "values": values, "bias": bias,
                            "o_bias": o_bias})["y"]
+
+
+# (token bucket, dtype, keys shape, v_dim, k, selection, activation, bias) -> plan: a repeated call
+# skips building the shape key; `run_plan` still checks every input's shape against the plan
+_LAYER_PLANS: dict[tuple, plans.Plan] = {}
+
+_sigma_moe_op = torch.library.custom_op("moexport::sigma_moe", _sigma_moe, mutates_args=())
 
 
 @_sigma_moe_op.register_fake
@@ -56,14 +67,22 @@ def _(x, expert_sel, keys, values, bias, o_bias, k, selection, activation):
     return x.new_empty(x.shape[0], values.shape[-1])
 
 
+def _plain_eager(x: torch.Tensor) -> bool:
+    """True when nothing traces the call: no compiler, no fake or functional tensor, no dispatch
+    mode. Then the custom op's dispatcher would only add host time."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _current_dispatch_mode() is None)
+
+
 def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *,
                       k: int, selection: str | None = None, activation: str | None = None,
                       bias: torch.Tensor | None = None, o_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Inference forward of a σ-MoE layer on the kernels: x [..., d] -> y [..., v_dim].
 
-    Up to `configs.DECODE_MAX_TOKENS` tokens it runs the decode path (3 launches), otherwise the
-    grouped path (5 launches and a memset); neither synchronises with the host, so the call can be
-    captured in a CUDA graph.
+    Few tokens run the decode sequence (2 launches), more the dispatched one (3 or 4 launches; see
+    `plan.sigma_moe_plan`); none synchronises with the host, so the call can be captured in a
+    CUDA graph. Under torch.compile, torch.export or a dispatch mode it is the custom op
+    `moexport::sigma_moe`; a plain eager call skips the op's dispatcher and runs the same plan.
 
     Args:
         x: Tokens [..., d]; all tensors share its dtype and device.
@@ -74,8 +93,8 @@ def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Ten
         bias, o_bias: Hidden bias [E, G] and output bias [v_dim]. Defaults to none.
     """
     flat = x.reshape(-1, x.shape[-1])
-    y = _sigma_moe_op(flat, expert_sel, keys, values, bias, o_bias, k, selection or "sigmoid",
-                      activation or "relu")
+    op = _sigma_moe if _plain_eager(flat) else _sigma_moe_op
+    y = op(flat, expert_sel, keys, values, bias, o_bias, k, selection or "sigmoid", activation or "relu")
     return y.reshape(*x.shape[:-1], values.shape[-1])
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moexport.kernels.configs import DECODE_MAX_TOKENS, bucket, pow2, tile_config
+from moexport.kernels.configs import bucket, experts_config, pow2, tile_config
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 SELECTION_CODES = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
@@ -96,17 +96,22 @@ class MoEShape:
                    layer.selection, layer.activation, layer.bias is not None)
 
 
-def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: bool = False) -> Step:
+def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: bool = False,
+                zero: str | None = None, count: str | None = None, count_cols: int = 1) -> Step:
+    """Routing of N tokens; also zeroes the float32 buffer `zero` [N, v_dim] and the int32
+    counters `count` [N, count_cols] that the expert kernels add into."""
     cfg = tile_config("route", s.d, s.n_experts, n, rows_per_expert=0)
     has_x = source == "x"
     return Step(
         "routing.route_kernel", (f"cdiv(N, {cfg['BLOCK_N']})",),
         {"x_ptr": "x" if has_x else None, "sel_ptr": "expert_sel" if has_x else None,
          "logits_ptr": "logits" if (not has_x or logits_out) else None,
-         "gate_ptr": "gate", "expert_ptr": "expert", "counts_ptr": "counts" if counts else None, "N": "N"},
+         "gate_ptr": "gate", "expert_ptr": "expert", "counts_ptr": "counts" if counts else None,
+         "zero_ptr": zero, "count_ptr": count, "N": "N"},
         {"E": s.n_experts, "D": s.d, "K": s.k, "SELECTION": SELECTION_CODES[s.selection], "HAS_X": has_x,
-         "STORE_LOGITS": logits_out, "STORE_COUNTS": counts, "BLOCK_N": cfg["BLOCK_N"],
-         "BLOCK_E": pow2(s.n_experts), "BLOCK_K": pow2(s.k, 1), "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d))},
+         "STORE_LOGITS": logits_out, "STORE_COUNTS": counts, "ZERO_COLS": s.v_dim, "COUNT_COLS": count_cols,
+         "BLOCK_N": cfg["BLOCK_N"], "BLOCK_E": pow2(s.n_experts), "BLOCK_K": pow2(s.k, 1),
+         "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d))},
         cfg["num_warps"], cfg["num_stages"])
 
 
@@ -123,19 +128,24 @@ def _cvmm_step(*, x: str, w: str, out: str, e: int, k_in: int, n_out: int, w_str
                cfg: dict, tile_m: int, src: str | None = None, src_div: int = 1, dst: str | None = None,
                dst_div: int = 1, gate: str | None = None, gate_by_dst: bool = False, bias: str | None = None,
                pre_out: str | None = None, h: str | None = None, pre: str | None = None,
-               dgate: str | None = None, activation: str = "none", epilogue: int = 0) -> Step:
-    block_n = min(cfg["BLOCK_N"], pow2(n_out))
+               dgate: str | None = None, activation: str = "none", epilogue: int = 0,
+               count: str | None = None, o_bias: str | None = None, y: str | None = None) -> Step:
+    block_n = _block_n(cfg, n_out)
     n_col = -(-n_out // block_n)
     return Step(
         "cvmm.cvmm_kernel", (f"(cdiv(S, {tile_m}) + {e}) * {n_col}",),
         {"x_ptr": x, "w_ptr": w, "offsets_ptr": "offsets", "tile_map_ptr": "tile_map", "src_ptr": src,
          "dst_ptr": dst, "gate_ptr": gate, "bias_ptr": bias, "h_ptr": h, "pre_ptr": pre, "out_ptr": out,
-         "pre_out_ptr": pre_out, "dgate_ptr": dgate},
+         "pre_out_ptr": pre_out, "dgate_ptr": dgate, "count_ptr": count, "o_bias_ptr": o_bias, "y_ptr": y},
         {"E": e, "K_IN": k_in, "N_OUT": n_out, "stride_we": w_strides[0], "stride_wk": w_strides[1],
          "stride_wn": w_strides[2], "SRC_DIV": src_div, "DST_DIV": dst_div, "GATE_BY_DST": gate_by_dst,
          "ACTIVATION": ACTIVATION_CODES[activation], "EPILOGUE": epilogue, "BLOCK_M": tile_m,
          "BLOCK_N": block_n, "BLOCK_K": min(cfg["BLOCK_K"], pow2(k_in))},
         cfg["num_warps"], cfg["num_stages"])
+
+
+def _block_n(cfg: dict, n_out: int) -> int:
+    return min(cfg["BLOCK_N"], pow2(n_out))
 
 
 def _finalize_step(acc: str, bias: str | None, out: str, width: int) -> Step:
@@ -191,44 +201,69 @@ def _layer_inputs(s: MoEShape, *, with_x: bool = True) -> tuple[Buffer, ...]:
 def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     """Inference forward of a σ-MoE layer for token counts in n_tokens' bucket.
 
-    Up to DECODE_MAX_TOKENS tokens: route -> decode (up and down per expert chunk) -> finalize.
-    Otherwise: route (+ chunk histograms) -> dispatch -> up CVMM -> down CVMM (float32 atomics) ->
-    finalize. Both with a memset of the float32 accumulator first.
+    The route kernel also zeroes the float32 accumulator and the counters; the last launch adds
+    every expert's contribution and rounds each token row once it is complete (`experts.py`).
+    The config of the bucket (`configs.experts_config`) picks one of three sequences:
+
+    - decode: route -> experts (one program per selected expert and hidden chunk; nothing sorted);
+    - fused: route -> dispatch -> experts (up, activation and down per row tile of the plan);
+    - split: route -> dispatch -> up CVMM (h through memory) -> down CVMM (float32 atomics).
     """
     n = bucket(n_tokens)
-    y_zero = s.dtype == "float32" and not s.bias
-    if n <= DECODE_MAX_TOKENS:
-        return _decode_plan(s, n)
-    route = _route_step(s, n, source="x", counts=True)
-    tile_m = _tile_m(s, n)
-    experts, workspace = _expert_steps(s, n, tile_m, keep_pre=False)
-    return Plan("sigma_moe", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(s.v_dim)), zero=y_zero),),
-                _plan_buffers(s, n, tile_m, route.constexprs["BLOCK_N"]) + workspace,
-                (route,) + _dispatch_steps(s, n, route.constexprs["BLOCK_N"], tile_m) + experts,
-                derived=(("S", f"N * {s.k}"),), max_tokens=n)
-
-
-def _decode_plan(s: MoEShape, n: int) -> Plan:
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
-    cfg = tile_config("decode", d, dv, n, rows_per_expert=0)
-    # enough (expert, hidden chunk) programs to have every SM stream weights
-    block_g = min(64, pow2(G), max(16, pow2(E * G // 132)))
+    cfg = experts_config(d, E, G, dv, s.k, n)
+    mode = cfg["mode"]
+    # a float32 layer without output bias adds into y itself: nothing to round, nothing to count
     direct = s.dtype == "float32" and not s.bias
-    fused = Step("decode.decode_kernel", (str(E), str(-(-G // block_g))),
-                 {"x_ptr": "x", "gate_ptr": "gate", "expert_ptr": "expert", "keys_ptr": "keys",
-                  "bias_ptr": "bias" if s.bias else None, "values_ptr": "values", "acc_ptr": "y" if direct else "acc",
-                  "N": "N"},
-                 {"E": E, "D": d, "G": G, "DV": dv, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation],
-                  "BLOCK_T": cfg["BLOCK_T"], "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(d)),
-                  "BLOCK_N": min(cfg["BLOCK_N"], pow2(dv)), "BLOCK_K": pow2(s.k, 1)},
-                 cfg["num_warps"], cfg["num_stages"])
-    steps = (_route_step(s, n, source="x", counts=False), fused)
-    workspace = (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))))
-    if not direct:
-        steps += (_finalize_step("acc", "o_bias" if s.bias else None, "y", dv),)
-        workspace += (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
-    return Plan("sigma_moe_decode", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(dv)), zero=direct),),
-                workspace, steps, max_tokens=cfg["BLOCK_T"], notes={"decode": True})
+    count_cols = 1
+    if mode == "split":
+        count_cols = -(-dv // _block_n(tile_config("down", G, dv, n, rows_per_expert=n * s.k // E), dv))
+    out = {"acc": "y" if direct else "acc", "count": None if direct else "count", "y": None if direct else "y"}
+    route = _route_step(s, n, source="x", counts=mode != "decode", zero=out["acc"], count=out["count"],
+                        count_cols=count_cols)
+    workspace = () if direct else (Buffer("acc", "float32", ("N", str(dv))),
+                                   Buffer("count", "int32", ("N", str(count_cols))))
+    if mode == "decode":
+        steps = (route, _experts_step(s, cfg, dispatched=False, **out))
+        workspace += (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))))
+    else:
+        tile_m = cfg["BLOCK_M"] if mode == "fused" else _tile_m(s, n)
+        steps = (route,) + _dispatch_steps(s, n, route.constexprs["BLOCK_N"], tile_m)
+        workspace += _plan_buffers(s, n, tile_m, route.constexprs["BLOCK_N"])
+        if mode == "fused":
+            steps += (_experts_step(s, cfg, dispatched=True, **out),)
+        else:
+            rows = n * s.k // E
+            up = _cvmm_step(x="x", w="keys", out="h", e=E, k_in=d, n_out=G, w_strides=(d * G, G, 1),
+                            cfg=tile_config("up", d, G, n, rows_per_expert=rows), tile_m=tile_m, src="sorted_slot",
+                            src_div=s.k, bias="bias" if s.bias else None, activation=s.activation)
+            down = _cvmm_step(x="h", w="values", out=out["acc"], e=E, k_in=G, n_out=dv, w_strides=(G * dv, dv, 1),
+                              cfg=tile_config("down", G, dv, n, rows_per_expert=rows), tile_m=tile_m,
+                              dst="sorted_slot", dst_div=s.k, gate="gate", gate_by_dst=True, epilogue=1,
+                              count=out["count"], o_bias="o_bias" if s.bias else None, y=out["y"])
+            steps += (up, down)
+            workspace += (Buffer("h", s.dtype, ("S", str(G))),)
+    return Plan("sigma_moe", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(dv))),), workspace, steps,
+                derived=(("S", f"N * {s.k}"),), max_tokens=cfg["BLOCK_M"] if mode == "decode" else n,
+                notes={"mode": mode, "config": cfg})
+
+
+def _experts_step(s: MoEShape, cfg: dict, *, dispatched: bool, acc: str, count: str | None, y: str | None) -> Step:
+    E, G = s.n_experts, s.expert_size
+    block_m, block_g = cfg["BLOCK_M"], min(cfg["BLOCK_G"], pow2(G))
+    n_chunks = -(-G // block_g)
+    grid = (f"(cdiv(S, {block_m}) + {E}) * {n_chunks}",) if dispatched else (str(E), str(n_chunks))
+    plan = {"offsets_ptr": "offsets", "tile_map_ptr": "tile_map", "sorted_slot_ptr": "sorted_slot"}
+    return Step(
+        "experts.experts_kernel", grid,
+        {"x_ptr": "x", "keys_ptr": "keys", "bias_ptr": "bias" if s.bias else None, "values_ptr": "values",
+         "o_bias_ptr": "o_bias" if s.bias else None, "gate_ptr": "gate", "expert_ptr": None if dispatched else "expert",
+         **{name: buf if dispatched else None for name, buf in plan.items()},
+         "acc_ptr": acc, "count_ptr": count, "y_ptr": y, "N": "N"},
+        {"E": E, "D": s.d, "G": G, "DV": s.v_dim, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation],
+         "DISPATCHED": dispatched, "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d)),
+         "BLOCK_N": min(cfg["BLOCK_N"], pow2(s.v_dim)), "BLOCK_K": pow2(s.k, 1)},
+        cfg["num_warps"], cfg["num_stages"])
 
 
 def topk_dispatch_plan(n_experts: int, k: int, selection: str, n_tokens: int, *, tile_m: int = 64) -> Plan:

@@ -97,3 +97,28 @@ def test_fast_path_is_offered_for_cuda_inputs_only():
     assert accel.lookup("sigma_moe", torch.zeros(1)) is None
     if torch.cuda.is_available():
         assert accel.lookup("sigma_moe", torch.zeros(1, device="cuda")) is not None
+
+
+@pytest.mark.parametrize("mode, n_tokens", [("decode", 9), ("fused", 150), ("split", 150)])
+@pytest.mark.parametrize("dtype, bias", [(torch.bfloat16, True), (torch.float32, False)])
+def test_every_experts_sequence_matches_the_reference(mode, n_tokens, dtype, bias, device, monkeypatch):
+    """Each sequence `configs.experts_config` can pick, with several hidden chunks per expert and
+    several column blocks: every token row must be rounded once, by its last contributor."""
+    from moexport.kernels import configs, ops
+
+    layer = SigmaMoE(24, 6, 32, 2, bias=bias, v_dim=20)
+    if bias:
+        with torch.no_grad():
+            layer.bias.normal_()
+            layer.o_bias.normal_()
+    layer = layer.to(device, dtype).eval()
+    config = {"mode": mode, "BLOCK_M": 16 if mode == "decode" else 32, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16,
+              "num_warps": 4, "num_stages": 2}
+    monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, configs.bucket(n_tokens)), config)
+    # the split sequence's down projection in two column tiles, each rounded by its own last contributor
+    monkeypatch.setitem(configs.TUNED, ("down", 32, 20, configs.bucket(n_tokens)),
+                        {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2})
+    monkeypatch.setattr(ops, "_PLANS", {})
+    monkeypatch.setattr(ops, "_LAYER_PLANS", {})
+    x = torch.randn(n_tokens, 24).to(device, dtype)
+    assert_close(forward(layer, x), layer.reference_forward(x), dtype, f"y {mode} {dtype}")

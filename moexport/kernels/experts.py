@@ -1,0 +1,118 @@
+"""Fused expert kernel of the inference forward: up projection, activation and down projection of a
+block of rows of one expert in one program, so the hidden activations never leave the SM.
+
+`experts_kernel` runs one program per (row block, chunk of BLOCK_G hidden units). It computes
+h = act(x[tok] @ keys[e][:, chunk] + bias) for the block (rounded once to the model dtype, as the
+reference), then gate * h @ values[e][chunk, :], added in float32 (atomics) into the token rows of
+the accumulator. Two ways to find the rows:
+
+- DISPATCHED = False (decode, few tokens): the block is every token (BLOCK_M >= N), one program per
+  (expert, chunk); rows whose token did not choose e are masked, and a program whose expert no
+  token chose exits at once. Nothing is sorted: each selected expert's weights are streamed once.
+- DISPATCHED = True: row tiles of the dispatch plan (tile map, offsets, sorted slots of
+  `routing.dispatch_kernel`), round-robin over experts, so tiles running together cover the same
+  tokens and a token's k adds meet in L2.
+
+The output is rounded in the same launch: after its adds, a program counts one contribution per
+row (`count`, zeroed by the route kernel); the program that brings a token's count to k * chunks
+reads the finished float32 row back and writes y = acc + o_bias in the model dtype
+(`finish_rows`). A float32 layer without output bias adds into y directly and skips the count.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moexport.kernels._jit import activate, mma
+
+
+@triton.jit
+def finish_rows(acc_ptr, count_ptrs, o_bias_ptr, y_ptr, tok, row_ok, n_first,
+                TARGET: tl.constexpr, SPAN: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Count one contribution to each row; the last contributor of a row writes its columns
+    [n_first, n_first + SPAN) of y = acc + o_bias, rounded once.
+
+    The barrier orders every thread's (relaxed) adds before the release of the counter add; the
+    acquire of the last one orders its reads after all other contributors' adds. The reads skip
+    L1 (.cg), which may hold stale sectors of a neighbouring row.
+    """
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptrs, 1, mask=row_ok, sem="acq_rel")
+    last = row_ok & (done == TARGET - 1)
+    if tl.max(last.to(tl.int32), axis=0) > 0:
+        rows = tok.to(tl.int64)[:, None] * DV
+        for n0 in range(0, SPAN, BLOCK_N):
+            n = n_first + n0 + tl.arange(0, BLOCK_N)
+            ok = last[:, None] & (n[None, :] < DV) & (n[None, :] < n_first + SPAN)
+            v = tl.load(acc_ptr + rows + n[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+            if o_bias_ptr is not None:
+                v += tl.load(o_bias_ptr + n, mask=n < DV, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rows + n[None, :], v.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _decode_rows(expert_ptr, gate_ptr, N, e, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows of the token block that chose expert e: (token, summed gate, row mask)."""
+    t = tl.arange(0, BLOCK_M)
+    j = tl.arange(0, BLOCK_K)
+    ok = (t[:, None] < N) & (j[None, :] < K)
+    chose = ok & (tl.load(expert_ptr + t[:, None] * K + j[None, :], mask=ok, other=-1) == e)
+    gate = tl.sum(tl.load(gate_ptr + t[:, None] * K + j[None, :], mask=chose, other=0.0), axis=1)
+    return t, gate, tl.max(chose.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def experts_kernel(
+    # layer
+    x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr,
+    # routing: gate and expert [N, K] (decode), or the dispatch plan
+    gate_ptr, expert_ptr, offsets_ptr, tile_map_ptr, sorted_slot_ptr,
+    # float32 accumulator [N, DV] (zeroed), contribution counters [N] (zeroed), output (None: acc is y)
+    acc_ptr, count_ptr, y_ptr,
+    N,
+    E: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+    ACTIVATION: tl.constexpr, DISPATCHED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    NG: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
+    if DISPATCHED:
+        rt = tl.program_id(0) // NG
+        chunk = tl.program_id(0) % NG
+        if rt >= tl.load(tile_map_ptr):
+            return
+        code = tl.load(tile_map_ptr + 1 + rt)
+        e = code % E
+        p = tl.load(offsets_ptr + e) + (code // E) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = p < tl.load(offsets_ptr + e + 1)
+        slot = tl.load(sorted_slot_ptr + p, mask=row_ok, other=0)
+        tok = slot // K
+        gate = tl.load(gate_ptr + slot, mask=row_ok, other=0.0)
+    else:
+        e = tl.program_id(0)
+        chunk = tl.program_id(1)
+        tok, gate, row_ok = _decode_rows(expert_ptr, gate_ptr, N, e, K, BLOCK_M, BLOCK_K)
+        if tl.max(row_ok.to(tl.int32), axis=0) == 0:
+            return
+    g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
+    x_rows = x_ptr + tok.to(tl.int64)[:, None] * D
+    k_cols = keys_ptr + e.to(tl.int64) * D * G + g[None, :]
+    pre = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        a = tl.load(x_rows + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        b = tl.load(k_cols + d[:, None] * G, mask=(d[:, None] < D) & (g[None, :] < G), other=0.0)
+        pre += mma(a, b)
+    if bias_ptr is not None:
+        pre += tl.load(bias_ptr + e * G + g, mask=g < G, other=0.0).to(tl.float32)[None, :]
+    # rounded once to the model dtype, as the reference; hidden units past G are zero
+    h = tl.where(g[None, :] < G, activate(pre, ACTIVATION), 0.0).to(x_ptr.dtype.element_ty)
+    v_rows = values_ptr + e.to(tl.int64) * G * DV + g[:, None] * DV
+    out_rows = acc_ptr + tok.to(tl.int64)[:, None] * DV
+    for n0 in range(0, DV, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        v = tl.load(v_rows + n[None, :], mask=(g[:, None] < G) & (n[None, :] < DV), other=0.0)
+        part = mma(h, v) * gate[:, None]
+        tl.atomic_add(out_rows + n[None, :], part, mask=row_ok[:, None] & (n[None, :] < DV), sem="relaxed")
+    if y_ptr is not None:
+        finish_rows(acc_ptr, count_ptr + tok, o_bias_ptr, y_ptr, tok, row_ok, 0, K * NG, DV, DV, BLOCK_N)
