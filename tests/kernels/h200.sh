@@ -19,7 +19,7 @@ MODE=${1:+--tune}
 timeout 300 python3 -m moexport.bench kernels $MODE --compile-only --jobs 12 > $OUT/compile.log 2>&1 &
 COMPILING=$!
 START=$SECONDS
-timeout 240 python3 -m pytest -q -n 8 tests/kernels -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -25
+timeout 240 python3 -m pytest -q $(python3 -c "import xdist" 2>/dev/null && printf -- '-n 8') tests/kernels -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -25
 echo "tests: $((SECONDS - START)) s"
 wait $COMPILING
 echo "compile: $((SECONDS - START)) s"; tail -3 $OUT/compile.log
