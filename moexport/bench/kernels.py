@@ -47,10 +47,10 @@ def floor_ms(d: int, E: int, G: int, k: int, T: int) -> float:
     return 1e3 * max(nbytes / BANDWIDTH, flops / MATMUL)
 
 
-def _time(fn) -> float:
+def _time(fn, rep: int = 50) -> float:
     import triton
 
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
 def _graphed(fn):
@@ -269,8 +269,8 @@ def tune(name: str, T: int) -> dict:
             _use(name, T, config)
             try:
                 agree = _agreement(layer, x, layer.moe(x), ref)
-                timings.append({"config": config, "ms": _time(lambda: layer.moe(x)),
-                                "graph_ms": _time(_graphed(lambda: layer.moe(x))), **agree})
+                timings.append({"config": config, "ms": _time(lambda: layer.moe(x), rep=25),
+                                "graph_ms": _time(_graphed(lambda: layer.moe(x)), rep=25), **agree})
             except Exception as error:  # noqa: BLE001 - a config that does not compile is skipped
                 print(f"skip {name} T={T} {config}: {str(error).splitlines()[0][:120]}")
     from moexport.kernels import configs
@@ -344,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     warm(tasks, args.jobs)
     if args.tune:
-        found = [tune(s, t) for s, t in cells]
+        found = []
+        for s, t in cells:
+            found.append(tune(s, t))
+            print(json.dumps({k: v for k, v in found[-1].items() if k != "timings"}), flush=True)
         out = out_dir / f"kernels_tuned_{gpu.split()[-1].lower()}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(found, indent=1))
