@@ -19,12 +19,12 @@ MODE=${1:+--tune}
 timeout 300 python3 -m moexport.bench kernels $MODE --compile-only --jobs 12 > $OUT/compile.log 2>&1 &
 COMPILING=$!
 START=$SECONDS
-timeout 240 python3 -m pytest -q $(python3 -c "import xdist" 2>/dev/null && printf -- '-n 8') tests/kernels -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -25
+timeout 200 python3 -m pytest -q $(python3 -c "import xdist" 2>/dev/null && printf -- '-n 8') tests/kernels -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -25
 echo "tests: $((SECONDS - START)) s"
 wait $COMPILING
 echo "compile: $((SECONDS - START)) s"; tail -3 $OUT/compile.log
 if [ -n "$MODE" ]; then
-  timeout 240 python3 -m moexport.bench kernels --tune -o $OUT 2>&1 | tee $OUT/tune.log | tail -30
+  timeout 200 python3 -m moexport.bench kernels --tune -o $OUT 2>&1 | tee $OUT/tune.log | tail -30
   tar czf - -C $TRITON_CACHE_DIR . | split -b 15M - $OUT/triton_cache.tgz. && ls -la $OUT
 else
   timeout 300 python3 -m moexport.bench kernels -o $OUT --name kernels_h200 2>&1 | tail -5
