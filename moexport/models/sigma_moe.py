@@ -119,8 +119,9 @@ class SigmaMoE(ConfigModule):
             self.o_bias.zero_()
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Float32 router logits [..., E] (see `moexport.models.routing`)."""
-        return F.linear(x.float(), self.expert_sel.float())
+        """Float32 router logits [..., E] (see `moexport.models.routing`), also under autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.expert_sel.float())
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference routing of `x` [..., d]: (gate [..., k] float32, expert [..., k] int64), best first."""

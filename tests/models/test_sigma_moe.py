@@ -149,3 +149,14 @@ def test_config_rebuilds_the_same_module():
     again = build(layer.config())
     assert again.config() == layer.config()
     assert {n: p.shape for n, p in again.named_parameters()} == {n: p.shape for n, p in layer.named_parameters()}
+
+
+def test_router_logits_stay_float32_under_autocast():
+    layer = SigmaMoE(16, 4, 8, 2).train()
+    x = torch.randn(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer.router_logits(x)
+        layer(x)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, x @ layer.expert_sel.detach().T, rtol=1e-6, atol=1e-6)
+    assert layer._last_logits.dtype == torch.float32
