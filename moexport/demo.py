@@ -29,7 +29,7 @@ from moexport.plugins import ort_session
 from moexport.validate import validate
 from moexport.validate.inputs import sample_text
 
-DEMO_CHECKPOINT = "demo_sigma_moe"  # folder under moexport/data (trained by examples/train_lm.py)
+DEMO_CHECKPOINT = "sigma_moe_lm"  # folder under moexport/data (trained by examples/train_lm.py)
 DEMO_SEQ = 128
 TIMED_RUNS = 10
 
@@ -37,6 +37,7 @@ TIMED_RUNS = 10
 @dataclass
 class DemoRow:
     artifact: str
+    runtime: str
     size_mb: float | None
     latency_ms: float | None
     max_abs_err: float | None
@@ -81,7 +82,7 @@ def run_demo(checkpoint: str | os.PathLike | None = None, *, output_dir: str | o
     steps = ["export dispatch", "export portable", "fuse", "validate dispatch", "validate portable",
              "validate fused", "engine"]
     with progress("demo", total=len(steps), enabled=True) as advance:
-        rows.append(DemoRow("PyTorch eager (reference)", None, _torch_latency(model, ids), None, "—", "reference"))
+        rows.append(DemoRow("checkpoint", "PyTorch eager", None, _torch_latency(model, ids), None, "—", "reference"))
         paths = {}
         for mode in ("dispatch", "portable"):
             advance(0, description=f"exporting the {mode} graph")
@@ -143,7 +144,7 @@ def _onnx_row(form: str, path: Path, model, ids: np.ndarray, report_dir: Path) -
     near = sum(r.near_ties for r in report.routing)
     routing = f"{100 * agreeing / tokens:.2f}%" + (f" ({near} near-ties)" if near else "") if tokens else "n/a"
     size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 1e6
-    return DemoRow(f"ONNX {form} (ORT CPU)", size, _ort_latency(path, ids), worst, routing,
+    return DemoRow(f"{form} ONNX", "ORT CPU", size, _ort_latency(path, ids), worst, routing,
                    "PASSED" if report.passed else "FAILED")
 
 
@@ -152,26 +153,27 @@ def _engine_row(portable: Path, model: torch.nn.Module, out: Path) -> DemoRow:
 
     backend = engine_backend()
     if backend is None:
-        return DemoRow("TensorRT engine", None, None, None, "—", "skipped: neither TensorRT nor TensorRT-RTX installed")
+        return DemoRow("engine", "TensorRT", None, None, None, "—", "skipped: no TensorRT here")
     engine = build_engine(portable, out / f"model.portable.{backend}.plan", shapes={"input_ids": (1, DEMO_SEQ)})
     size = engine.stat().st_size / 1e6
     if backend == "tensorrt":
         report = validate(engine, model, runners=["trt"], report_dir=out / "report.engine")
-        return DemoRow("TensorRT engine (portable graph)", size, report.latency_ms.get("tensorrt"),
+        return DemoRow("portable engine", "TensorRT", size, report.latency_ms.get("tensorrt"),
                        max((o.max_abs for o in report.outputs), default=None), "—",
                        "PASSED" if report.passed else "FAILED")
-    return DemoRow("TensorRT-RTX engine (portable graph)", size, None, None, "—",
-                   "built; not run (TensorRT-RTX runs on RTX GPUs only)")
+    return DemoRow("portable engine", "TensorRT-RTX", size, None, None, "—", "built, not run*")
 
 
 def summary_table(rows: list[DemoRow], label: str) -> Table:
-    table = Table(title=f"moexport demo — {label}")
-    for column in ("artifact", "size (MB)", "latency (ms)", "max abs err (logits)", "routing agreement", "status"):
-        table.add_column(column)
+    table = Table(title=f"moexport demo — {label}", caption=f"batch 1 × {DEMO_SEQ} tokens of the text sample; "
+                  "max abs err of the logits against PyTorch; routing: identical top-k sets"
+                  + ("; * TensorRT-RTX runs on RTX GPUs only" if any("*" in r.status for r in rows) else ""))
+    for column in ("artifact", "runtime", "MB", "ms", "max err", "routing", "status"):
+        table.add_column(column, no_wrap=True)
     for r in rows:
         style = "red" if r.failed else ("green" if r.status == "PASSED" else "")
-        table.add_row(r.artifact, _fmt(r.size_mb, ".2f"), _fmt(r.latency_ms, ".2f"), _fmt(r.max_abs_err, ".2g"),
-                      r.routing, f"[{style}]{r.status}[/{style}]" if style else r.status)
+        table.add_row(r.artifact, r.runtime, _fmt(r.size_mb, ".1f"), _fmt(r.latency_ms, ".1f"),
+                      _fmt(r.max_abs_err, ".1e"), r.routing, f"[{style}]{r.status}[/{style}]" if style else r.status)
     return table
 
 

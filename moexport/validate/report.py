@@ -46,11 +46,13 @@ class ValidationReport:
         """Print the report as tables."""
         console = console or Console()
         table = Table(title=f"Parity of {self.artifact} against {self.reference} ({self.dtype})")
-        for column in ("runner", "output", "max abs", "max rel", "mean abs", "atol / rtol", "status"):
+        for column in ("runner", "output", "max abs err", "max err / max|ref|", "mean abs err", "atol / rtol",
+                       "status"):
             table.add_column(column, no_wrap=True)
         for o in self.outputs:
             table.add_row(o.runner, o.output, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.mean_abs:.3g}",
                           f"{o.atol:g} / {o.rtol:g}", _status(o.passed))
+        console.print("  an output passes when max |err| <= atol + rtol * max |reference|", highlight=False)
         console.print(table)
         if self.routing:
             table = Table(title="Routing agreement (identical top-k expert sets)")
@@ -82,7 +84,7 @@ class ValidationReport:
 
     def to_html(self) -> str:
         data = self.to_dict()
-        outputs = _html_table(["runner", "output", "max_abs", "max_rel", "mean_abs", "mean_rel", "atol", "rtol", "passed"],
+        outputs = _html_table(["runner", "output", "max_abs", "max_rel", "mean_abs", "scale", "atol", "rtol", "passed"],
                               data["outputs"])
         routing = _html_table(["runner", "layer", "tokens", "agreement", "near_ties", "downstream", "unexplained", "passed"],
                               data["routing"])
