@@ -22,6 +22,7 @@ console = Console(stderr=True)
 
 # name -> (function, add_arguments)
 SUBCOMMANDS: dict[str, tuple] = {}
+ORDER = ("export", "fuse", "build", "validate", "bench", "demo", "inspect")  # as `moexport -h` lists them
 
 
 def subcommand(add_arguments=None):
@@ -236,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Show tracebacks of errors.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (fn, add_arguments) in SUBCOMMANDS.items():
+    for name in sorted(SUBCOMMANDS, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        fn, add_arguments = SUBCOMMANDS[name]
         doc = (fn.__doc__ or "").strip()
         child = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
