@@ -32,7 +32,10 @@ def pow2(n: int, floor: int = 16) -> int:
 def default_config(role: str, d_in: int, d_out: int, n_bucket: int, rows_per_expert: int) -> dict[str, int]:
     """A reasonable config when no tuned one exists (roles: 'up', 'down', 'wgrad', 'route')."""
     if role == "route":
-        return {"BLOCK_N": 16 if n_bucket <= 1024 else 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
+        if n_bucket <= 1024:
+            # few programs: long tiles of the router weight, several in flight (latency, not bandwidth)
+            return {"BLOCK_N": 16, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
     if role == "wgrad":
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
     block_m = min(128, pow2(rows_per_expert))

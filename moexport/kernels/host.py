@@ -5,12 +5,13 @@ The first call for a plan and input shapes launches through Triton's JIT (`fn[gr
 compiles and returns each step's compiled kernel. Later calls on CUDA launch those compiled kernels
 directly with their arguments laid out once (pointers as integers, the workspace one allocation):
 the same kernels and arguments, without Triton's per-call binding and specialisation (tens of
-microseconds per launch with Triton 3.6). Triton's launch hooks (profilers) or an input pointer
-not aligned like the first call's send a call back through the JIT.
+microseconds per launch with Triton 3.6). Triton's launch hooks (profilers), MOEXPORT_JIT_LAUNCH=1
+or an input pointer not aligned like the first call's send a call back through the JIT.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import re
 
 import torch
@@ -85,10 +86,11 @@ class _Prepared:
         self.steps = []
         if symbols.get("N", 1) > 0 and symbols.get("S", 1) > 0:
             for step in plan.steps:
-                args = {name: (value in names, value if value is None or value in names else evaluate(value, symbols))
-                        for name, value in step.args.items()}
+                args = {name: (value in names, value if value is None or value in names
+                                      else evaluate(value, symbols)) for name, value in step.args.items()}
                 options = dict(step.constexprs, num_warps=step.num_warps, num_stages=step.num_stages)
-                self.steps.append((kernel(step.kernel), tuple(evaluate(g, symbols) for g in step.grid), args, options))
+                grid = tuple(evaluate(g, symbols) for g in step.grid)
+                self.steps.append((kernel(step.kernel), grid, args, options))
         self.inputs = [(b.name, _dtype(b.dtype), b.strided) for b in plan.inputs]
         self.fast: list | None = None  # compiled launchers, once a CUDA call has compiled every step
         self.aligned: dict[str, bool] = {}  # input name -> was 16-byte aligned when compiled
@@ -116,12 +118,18 @@ class _Prepared:
 _PREPARED: dict[tuple, _Prepared] = {}
 
 
-def _launch_hooks_set() -> bool:
+def _direct_launch() -> bool:
+    """Whether calls may launch the compiled kernels directly: not when MOEXPORT_JIT_LAUNCH=1 (every
+    call through Triton's JIT, for comparison) nor while Triton launch hooks are set (profilers);
+    Triton 3.5+ keeps the hooks in chains that are never None but may be empty."""
+    if os.environ.get("MOEXPORT_JIT_LAUNCH") == "1":
+        return False
     try:
         from triton import knobs
-    except ImportError:  # triton before 3.4: no knobs, no fast path
-        return True
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    except ImportError:  # triton before 3.4: no knobs
+        return False
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return not any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
 def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
@@ -149,7 +157,7 @@ def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, t
     for name, shape, dtype, zero in prepared.outputs:
         buffers[name] = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
     workspace = torch.empty(max(prepared.workspace_bytes, 1), dtype=torch.uint8, device=device)
-    if prepared.fast is not None and not _launch_hooks_set():
+    if prepared.fast is not None and _direct_launch():
         pointers = {n: t.data_ptr() for n, t in buffers.items() if t is not None}
         if all((pointers[n] % 16 == 0) == ok for n, ok in prepared.aligned.items() if n in pointers):
             base = workspace.data_ptr()
@@ -170,8 +178,9 @@ def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, t
             buffers[name].zero_()
     compiled = [fn[grid](**{n: (buffers[v] if is_buffer else v) for n, (is_buffer, v) in args.items()}, **options)
                 for fn, grid, args, options in prepared.steps]
-    if device.type == "cuda" and prepared.fast is None and not _launch_hooks_set():
-        prepared.record(compiled, {n: buffers[n].data_ptr() for n, *_ in prepared.inputs if buffers[n] is not None})
+    if device.type == "cuda" and prepared.fast is None and _direct_launch():
+        inputs = {n: buffers[n].data_ptr() for n, *_ in prepared.inputs if buffers[n] is not None}
+        prepared.record(compiled, inputs)
     return {name: buffers[name] for name, *_ in prepared.outputs}
 
 

@@ -102,6 +102,7 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
     counters `count` [N, count_cols] that the expert kernels add into."""
     cfg = tile_config("route", s.d, s.n_experts, n, rows_per_expert=0)
     has_x = source == "x"
+    item = 2 if s.dtype in ("float16", "bfloat16") else 4
     return Step(
         "routing.route_kernel", (f"cdiv(N, {cfg['BLOCK_N']})",),
         {"x_ptr": "x" if has_x else None, "sel_ptr": "expert_sel" if has_x else None,
@@ -111,7 +112,7 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
         {"E": s.n_experts, "D": s.d, "K": s.k, "SELECTION": SELECTION_CODES[s.selection], "HAS_X": has_x,
          "STORE_LOGITS": logits_out, "STORE_COUNTS": counts, "ZERO_COLS": s.v_dim, "COUNT_COLS": count_cols,
          "BLOCK_N": cfg["BLOCK_N"], "BLOCK_E": pow2(s.n_experts), "BLOCK_K": pow2(s.k, 1),
-         "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d))},
+         "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d), _fit(48 * 1024, (pow2(s.n_experts) + cfg["BLOCK_N"]) * item))},
         cfg["num_warps"], cfg["num_stages"])
 
 
@@ -144,6 +145,12 @@ def _cvmm_step(*, x: str, w: str, out: str, e: int, k_in: int, n_out: int, w_str
         cfg["num_warps"], cfg["num_stages"])
 
 
+def _fit(budget: int, per_unit: int) -> int:
+    """Largest power of two n (at least 16) with n * per_unit <= budget: a tile length that keeps a
+    pipeline stage's shared memory within budget bytes."""
+    return max(16, 1 << max(0, (budget // per_unit).bit_length() - 1))
+
+
 def _block_n(cfg: dict, n_out: int) -> int:
     return min(cfg["BLOCK_N"], pow2(n_out))
 
@@ -157,7 +164,8 @@ def _tile_m(s: MoEShape, n: int) -> int:
     return tile_config("up", s.d, s.expert_size, n, rows_per_expert=n * s.k // s.n_experts)["BLOCK_M"]
 
 
-def _expert_steps(s: MoEShape, n: int, tile_m: int, *, keep_pre: bool) -> tuple[tuple[Step, ...], tuple[Buffer, ...]]:
+def _expert_steps(s: MoEShape, n: int, tile_m: int, *,
+                  keep_pre: bool) -> tuple[tuple[Step, ...], tuple[Buffer, ...]]:
     """Up projection (gathered token rows -> h in sorted order) and down projection into float32 y."""
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
     rows = n * s.k // E

@@ -1,10 +1,10 @@
 #!/bin/bash
 # One H200 call: GPU tests of the kernels (real kernels for every CPU test too, the AOT cubin path,
-# cubins carried from the CPU machine), then the `kernels` benchmark, or with `tune` the sweep of
-# experts configs instead. Writes logs and results under $OUT.
+# cubins carried from the CPU machine), the sweep of experts configs (`--tune`), then the `kernels`
+# benchmark with the configs the sweep picked (skipped with `tune`). Writes logs and results under $OUT.
 # Usage (device run): bash tests/kernels/h200.sh [tune]
 # Carried (ignored paths): .whl (onnx-graphsurgeon, which `import moexport` needs, and pytest-xdist +
-# execnet: the tests compile in 8 processes); .carry/aot (cubins built on the CPU machine);
+# execnet: the tests run in 8 processes); .carry/aot (cubins built on the CPU machine);
 # .carry/tcache if present (Triton's cache of an earlier call as gzipped tar parts of 15 MB: unchanged
 # kernels load instead of compiling). A `tune` call leaves its cache in $OUT/triton_cache.tgz.*.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -14,20 +14,22 @@ mkdir -p $TRITON_CACHE_DIR
 ls .carry/tcache/* >/dev/null 2>&1 && cat .carry/tcache/* | tar xz -C $TRITON_CACHE_DIR
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee $OUT/gpu.txt
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a $OUT/gpu.txt
-MODE=${1:+--tune}
-# the benchmark's kernels compile (12 processes) while the tests run; its timing run then loads them
-timeout 300 python3 -m moexport.bench kernels $MODE --compile-only --jobs 12 > $OUT/compile.log 2>&1 &
+# the sweep's kernels compile (12 processes) while the tests run; the timing runs then load them
+timeout 300 python3 -m moexport.bench kernels --tune --compile-only --jobs 12 > $OUT/compile.log 2>&1 &
 COMPILING=$!
 START=$SECONDS
-timeout 200 python3 -m pytest -q $(python3 -c "import xdist" 2>/dev/null && printf -- '-n 8') tests/kernels -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -25
+timeout 200 python3 -m pytest -q $(python3 -c "import xdist" 2>/dev/null && printf -- '-n 8') tests/kernels -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -4
 echo "tests: $((SECONDS - START)) s"
 wait $COMPILING
 echo "compile: $((SECONDS - START)) s"; tail -3 $OUT/compile.log
-if [ -n "$MODE" ]; then
-  timeout 200 python3 -m moexport.bench kernels --tune -o $OUT 2>&1 | tee $OUT/tune.log | tail -30
+timeout 200 python3 -m moexport.bench kernels --tune -o $OUT 2>&1 > $OUT/tune.log | tail -5
+grep -v "^{" $OUT/tune.log | tail -22
+echo "tune: $((SECONDS - START)) s"
+if [ "$1" = "tune" ]; then
   tar czf - -C $TRITON_CACHE_DIR . | split -b 15M - $OUT/triton_cache.tgz. && ls -la $OUT
 else
-  timeout 300 python3 -m moexport.bench kernels -o $OUT --name kernels_h200 2>&1 | tail -5
+  CONFIGS=$([ -f $OUT/kernels_tuned_h200.json ] && echo "--configs $OUT/kernels_tuned_h200.json")
+  timeout 240 python3 -m moexport.bench kernels -o $OUT --name kernels_h200 $CONFIGS 2>&1 | tail -3
   sed -n '/| shape/,$p' $OUT/kernels_h200.md 2>/dev/null
 fi
 echo "total: $((SECONDS - START)) s"

@@ -71,3 +71,27 @@ def test_bf16_training_gradients_are_close_to_the_reference():
     for name, g, r in zip(["x"] + [n for n, _ in layer.named_parameters()], grads, ref):
         err = (g.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12)
         assert err < 2e-2, f"d{name}: relative error {err:.3g}"
+
+
+def test_repeated_calls_launch_the_compiled_kernels_directly(monkeypatch):
+    """After a shape's first call (through Triton's JIT), calls launch the recorded compiled kernels
+    with their arguments laid out once; an input not aligned like the first one goes back through
+    the JIT. Both must agree with the reference and with each other."""
+    from moexport.kernels import host
+
+    layer = big_layer(bias=True).eval()
+    with torch.no_grad():
+        for n_tokens in (5, 300, 5000):
+            for _ in range(3):
+                x = torch.randn(n_tokens, 1024, device="cuda", dtype=torch.bfloat16)
+                torch.testing.assert_close(infer(layer, x).float(), layer.reference_forward(x).float(),
+                                           rtol=2e-2, atol=2e-2, msg=f"T={n_tokens}")
+            direct = [p for key, p in host._PREPARED.items() if ("x", (n_tokens, 1024)) in key[1]]
+            assert direct and all(p.fast is not None for p in direct), f"T={n_tokens}: no direct launches"
+        misaligned = torch.randn(300 * 1024 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(300, 1024)
+        y = infer(layer, misaligned)
+        monkeypatch.setenv("MOEXPORT_JIT_LAUNCH", "1")
+        jit = infer(layer, x[:300])
+        torch.testing.assert_close(infer(layer, misaligned).float(), y.float(), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(y.float(), layer.reference_forward(misaligned).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(jit.float(), layer.reference_forward(x[:300]).float(), rtol=2e-2, atol=2e-2)
