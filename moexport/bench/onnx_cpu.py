@@ -34,7 +34,7 @@ FORMS = ("dispatch", "portable", "fused")
 def _time(candidates: dict[str, callable], iterations: int) -> dict[str, tuple[float, float]]:
     """(median, min) milliseconds per candidate, after 3 warm-up calls each.
 
-    The candidates take turns, one call each per round, so a change in machine load (this machine is
+    The candidates take turns, one call each per round, so a change in machine load (the CI machine is
     shared) hits all of them alike.
     """
     for fn in candidates.values():
@@ -58,31 +58,35 @@ def _graphs(model: torch.nn.Module, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def _rows(name: str, model: torch.nn.Module, feed: dict[str, np.ndarray], paths: dict[str, Path],
-          iterations: int, threads: int) -> list[dict]:
-    """Eager and ONNX Runtime rows for one model and input, timed in alternation."""
+def _candidates(name: str, model: torch.nn.Module, feed: dict[str, np.ndarray], paths: dict[str, Path],
+                threads: int) -> list[tuple[dict, callable]]:
+    """(row, timed call) for PyTorch eager and each ONNX graph of one model and input, outputs checked."""
     inputs = [torch.from_numpy(v) for v in feed.values()]
     reference, routes = _reference(model, inputs)
-    sessions = {form: ort_session(path, threads=threads) for form, path in paths.items()}
-    errors, agreement = {}, {}
-    for form, session in sessions.items():
-        output, *experts = session.run(None, feed)
-        errors[form] = float(np.abs(output - reference).max() / max(np.abs(reference).max(), 1e-30))
-        if experts:
-            same = [np.all(np.sort(a, -1) == np.sort(b, -1), -1) for a, b in zip(experts, routes)]
-            agreement[form] = float(np.mean(same))
 
     def eager():
         with torch.no_grad():
             model(*inputs)
 
-    candidates = {"-": eager, **{form: (lambda s=s: s.run(None, feed)) for form, s in sessions.items()}}
-    timings = _time(candidates, iterations)
-    rows = [{"model": name, "runtime": "pytorch eager" if form == "-" else "onnxruntime cpu", "form": form,
-             "median_ms": median, "min_ms": best, "vs_eager": timings["-"][0] / median,
-             "max_rel_error": errors.get(form), "routing_agreement": agreement.get(form)}
-            for form, (median, best) in timings.items()]
-    return rows
+    found = [({"model": name, "runtime": "pytorch eager", "form": "-"}, eager)]
+    for form, path in paths.items():
+        session = ort_session(path, threads=threads)
+        output, *experts = session.run(None, feed)
+        row = {"model": name, "runtime": "onnxruntime cpu", "form": form,
+               "max_rel_error": float(np.abs(output - reference).max() / max(np.abs(reference).max(), 1e-30))}
+        if experts:
+            same = [np.all(np.sort(a, -1) == np.sort(b, -1), -1) for a, b in zip(experts, routes)]
+            row["routing_agreement"] = float(np.mean(same))
+        found.append((row, lambda s=session: s.run(None, feed)))
+    return found
+
+
+def _wait_for_quiet(max_load: float, patience_s: float) -> float:
+    """Wait until the 1-minute load average is below `max_load` (at most `patience_s`); return it."""
+    deadline = time.monotonic() + patience_s
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(15)
+    return os.getloadavg()[0]
 
 
 def _reference(model: torch.nn.Module, inputs: list[torch.Tensor]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -133,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256, help="Tokens of the batch-1 sequence. Defaults to 256.")
     parser.add_argument("--iterations", type=int, default=20, help="Timed runs per row. Defaults to 20.")
     parser.add_argument("--out", default="bench/results", help="Results folder. Defaults to bench/results.")
+    parser.add_argument("--max-load", type=float, default=1.0,
+                        help="Start timing once the 1-minute load average is below this. Defaults to 1.0.")
+    parser.add_argument("--patience", type=float, default=900, help="Seconds to wait for that. Defaults to 900.")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    load_start = os.getloadavg()[0]
     threads = torch.get_num_threads()
     tokens = args.tokens
     lm = from_preset("wt103_small", dropout=0.0).eval()
@@ -143,21 +149,27 @@ def main(argv: list[str] | None = None) -> int:
     layer = SigmaMoE(412, 16, 128, 4).eval()
     ids = {"input_ids": np.random.default_rng(0).integers(0, lm.vocab_size, (1, tokens))}
     x = np.random.default_rng(1).standard_normal((1, tokens, 412), np.float32)
-    rows = []
+    candidates = []
     with tempfile.TemporaryDirectory() as folder, progress("onnx-cpu benchmark", total=4) as advance:
         folder = Path(folder)
         (folder / "layer").mkdir()
         (folder / "lm").mkdir()
         layer_paths = _graphs(layer, folder / "layer")
-        rows += _rows("σ-MoE layer, 1 token", layer, {"x": x[:, :1]}, layer_paths, args.iterations, threads)
-        rows += _rows(f"σ-MoE layer, {tokens} tokens", layer, {"x": x}, layer_paths, args.iterations, threads)
+        candidates += _candidates("σ-MoE layer, 1 token", layer, {"x": x[:, :1]}, layer_paths, threads)
+        candidates += _candidates(f"σ-MoE layer, {tokens} tokens", layer, {"x": x}, layer_paths, threads)
         advance()
-        rows += _rows(f"WT103-small σ-MoE LM, 1×{tokens}", lm, ids, _graphs(lm, folder / "lm"), args.iterations,
-                      threads)
+        candidates += _candidates(f"WT103-small σ-MoE LM, 1×{tokens}", lm, ids, _graphs(lm, folder / "lm"), threads)
         advance()
         dense_path = export_onnx(dense, folder / "dense.onnx")
-        rows += _rows(f"WT103-small dense LM, 1×{tokens}", dense, ids, {"dense": dense_path}, args.iterations, threads)
+        candidates += _candidates(f"WT103-small dense LM, 1×{tokens}", dense, ids, {"dense": dense_path}, threads)
+        advance(description="waiting for a quiet machine, then timing")
+        load_start = _wait_for_quiet(args.max_load, args.patience)
+        timings = _time({i: fn for i, (_, fn) in enumerate(candidates)}, args.iterations)
         advance()
+    rows = [{**row, "median_ms": timings[i][0], "min_ms": timings[i][1]} for i, (row, _) in enumerate(candidates)]
+    eager = {r["model"]: r["median_ms"] for r in rows if r["form"] == "-"}
+    for row in rows:
+        row["vs_eager"] = eager[row["model"]] / row["median_ms"]
     import onnxruntime
 
     environment = {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__,
@@ -167,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
              "PyTorch and ONNX Runtime. vs_eager > 1 means faster than PyTorch eager on the same model and input. "
              "max_rel_error: max |onnx - eager| / max |eager| of the output; routing_agreement: fraction of tokens "
              "(over all σ-MoE layers) whose top-k expert set equals PyTorch's, reported apart from the numeric "
-             "error. The machine is shared with other jobs (load averages in the header); the forms are timed in "
-             "alternation so that load hits them alike, and the minima show the unloaded floor. Forms: dispatch = TopKDispatch + CVMM "
+             "error. The machine is shared with other jobs: timing starts once the load average is low (values in "
+             "the header), and all rows, LMs and layers, eager and ONNX Runtime, are timed in one alternating loop, "
+             "one call each per round, so that any load hits them alike. Forms: dispatch = TopKDispatch + CVMM "
              "nodes run through their function bodies; portable = standard ops, dense-masked experts; fused = one "
              "SigmaMoE node per layer run through its function body (per-expert gather, two MatMuls, scatter-add). "
              "No compiled ONNX Runtime kernel is registered for the op set (separate issue).")
