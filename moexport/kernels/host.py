@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import warnings
 
 import torch
 
@@ -116,13 +117,14 @@ class _Prepared:
 
 
 _PREPARED: dict[tuple, _Prepared] = {}
+_DIRECT_BROKEN = False  # set when a launcher rejected a direct launch
 
 
 def _direct_launch() -> bool:
     """Whether calls may launch the compiled kernels directly: not when MOEXPORT_JIT_LAUNCH=1 (every
     call through Triton's JIT, for comparison) nor while Triton launch hooks are set (profilers);
     Triton 3.5+ keeps the hooks in chains that are never None but may be empty."""
-    if os.environ.get("MOEXPORT_JIT_LAUNCH") == "1":
+    if _DIRECT_BROKEN or os.environ.get("MOEXPORT_JIT_LAUNCH") == "1":
         return False
     try:
         from triton import knobs
@@ -157,21 +159,8 @@ def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, t
     for name, shape, dtype, zero in prepared.outputs:
         buffers[name] = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
     workspace = torch.empty(max(prepared.workspace_bytes, 1), dtype=torch.uint8, device=device)
-    if prepared.fast is not None and _direct_launch():
-        pointers = {n: t.data_ptr() for n, t in buffers.items() if t is not None}
-        if all((pointers[n] % 16 == 0) == ok for n, ok in prepared.aligned.items() if n in pointers):
-            base = workspace.data_ptr()
-            for name, offset, shape, dtype, zero in prepared.workspace:
-                pointers[name] = base + offset
-                if zero:
-                    _view(workspace, offset, shape, dtype).zero_()
-            stream = torch._C._cuda_getCurrentRawStream(device.index)
-            for run, (g0, g1, g2), function, metadata, template, slots in prepared.fast:
-                values = list(template)
-                for i, name in slots:
-                    values[i] = pointers[name]
-                run(g0, g1, g2, stream, function, metadata, None, None, None, *values)
-            return {name: buffers[name] for name, *_ in prepared.outputs}
+    if prepared.fast is not None and _direct_launch() and _launch_direct(prepared, buffers, workspace, device):
+        return {name: buffers[name] for name, *_ in prepared.outputs}
     for name, offset, shape, dtype, zero in prepared.workspace:
         buffers[name] = _view(workspace, offset, shape, dtype)
         if zero:
@@ -182,6 +171,37 @@ def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, t
         inputs = {n: buffers[n].data_ptr() for n, *_ in prepared.inputs if buffers[n] is not None}
         prepared.record(compiled, inputs)
     return {name: buffers[name] for name, *_ in prepared.outputs}
+
+
+def _launch_direct(prepared: _Prepared, buffers: dict, workspace: torch.Tensor, device: torch.device) -> bool:
+    """Launch the recorded compiled kernels; False (nothing launched) when an input is not aligned as
+    when they were compiled. A launcher that rejects the call (a Triton whose launcher signature
+    differs) turns direct launches off for the process, with a warning, and the call goes through
+    the JIT after zero-filled outputs are cleared again."""
+    global _DIRECT_BROKEN
+    pointers = {n: t.data_ptr() for n, t in buffers.items() if t is not None}
+    if not all((pointers[n] % 16 == 0) == ok for n, ok in prepared.aligned.items() if n in pointers):
+        return False
+    base = workspace.data_ptr()
+    for name, offset, shape, dtype, zero in prepared.workspace:
+        pointers[name] = base + offset
+        if zero:
+            _view(workspace, offset, shape, dtype).zero_()
+    stream = torch._C._cuda_getCurrentRawStream(device.index)
+    try:
+        for run, (g0, g1, g2), function, metadata, template, slots in prepared.fast:
+            values = list(template)
+            for i, name in slots:
+                values[i] = pointers[name]
+            run(g0, g1, g2, stream, function, metadata, None, None, None, *values)
+    except Exception as error:  # noqa: BLE001 - any launcher failure: fall back to the JIT, loudly
+        warnings.warn(f"moexport kernels: direct launches turned off ({type(error).__name__}: {error})")
+        _DIRECT_BROKEN = True
+        for name, _, _, zero in prepared.outputs:
+            if zero:
+                buffers[name].zero_()
+        return False
+    return True
 
 
 def _view(workspace: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
