@@ -121,18 +121,6 @@ def cmd_fuse(args):
     console.print(f"wrote {output}", highlight=False)
 
 
-def _shape_list(text: str) -> dict[str, tuple[int, ...]]:
-    """'input_ids:[1,256] x:[2,8,64]' -> {'input_ids': (1, 256), 'x': (2, 8, 64)}."""
-    shapes = {}
-    for item in text.split():
-        name, _, dims = item.rpartition(":")
-        try:
-            shapes[name] = tuple(int(d) for d in dims.strip("[]").split(",") if d != "")
-        except ValueError:
-            raise MoexportError(f"shape {item!r}", "is not NAME:[d,d,...]") from None
-    return shapes
-
-
 def _build_args(p):
     p.add_argument("model", help="ONNX file (the portable form for TensorRT-RTX, until the plugins exist).")
     add_output_args(p, help="Output engine file. Defaults to <model>.engine.")
@@ -149,7 +137,9 @@ def cmd_build(args):
 
     from moexport.trt_plugins import build_engine
 
-    bounds = [_shape_list(getattr(args, f"{b}_shapes") or "") for b in ("min", "opt", "max")]
+    from moexport.core.shapes import parse_shapes
+
+    bounds = [parse_shapes(getattr(args, f"{b}_shapes")) for b in ("min", "opt", "max")]
     names = set().union(*bounds)
     missing = [n for n in names if not all(n in b for b in bounds)]
     if missing:

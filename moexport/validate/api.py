@@ -17,7 +17,8 @@ from polygraphy.logger import G_LOGGER
 from moexport.core.dtypes import Tolerance, dtype_name, tolerance_for
 from moexport.core.errors import MoexportError
 from moexport.validate.compare import compare_numeric, compare_routing
-from moexport.validate.inputs import concrete_metadata, make_inputs, parse_shapes
+from moexport.core.shapes import parse_shapes
+from moexport.validate.inputs import concrete_metadata, make_inputs
 from moexport.validate.report import ValidationReport
 from moexport.validate.runners import (EXPERTS_PREFIX, TorchRunner, onnxrt_runner, routing_name, sigma_moe_layers,
                                        trt_runner)

@@ -7,7 +7,6 @@ in top-k hide).
 from __future__ import annotations
 
 import importlib.resources
-import re
 from collections import OrderedDict
 
 import numpy as np
@@ -27,20 +26,6 @@ def sample_text() -> bytes:
         raise MoexportError("moexport/data/sample.txt", "is missing from the installation",
                             "reinstall moexport; the package ships it as package data")
     return resource.read_bytes()
-
-
-def parse_shapes(spec: str | dict | None) -> dict[str, tuple[int, ...]]:
-    """Parse ``name:[d0,d1,...] name2:[...]`` (polygraphy/trtexec style) into {name: shape}."""
-    if spec is None or isinstance(spec, dict):
-        return dict(spec or {})
-    shapes = {}
-    for item in spec.split():
-        match = re.fullmatch(r"([^:\s]+):\[([\d,\s]*)\]", item)
-        if not match:
-            raise MoexportError(f"--shapes {item!r}", "is not of the form name:[d0,d1,...]",
-                                "e.g. --shapes input_ids:[1,128]")
-        shapes[match.group(1)] = tuple(int(d) for d in match.group(2).split(",") if d.strip())
-    return shapes
 
 
 def concrete_metadata(metadata: TensorMetadata, shapes: dict[str, tuple[int, ...]]) -> TensorMetadata:
