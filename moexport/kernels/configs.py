@@ -15,9 +15,38 @@ DECODE_MAX_TOKENS = 64
 # Streaming multiprocessors to keep busy (H100 / H200: 132).
 SMS = 132
 
+
+def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int) -> dict[str, Any]:
+    return {"mode": mode, "BLOCK_M": m, "BLOCK_G": g, "BLOCK_D": d, "BLOCK_N": n, "num_warps": warps,
+            "num_stages": stages}
+
+
 # (role, d_in, d_out, bucket) -> CVMM config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), and
-# ("experts", d, n_experts, expert_size, v_dim, k, bucket) -> `experts_config`.
-TUNED: dict[tuple, dict[str, Any]] = {}
+# ("experts", d, n_experts, expert_size, v_dim, k, bucket) -> `experts_config`. The experts configs
+# below are the fastest (eager, L2 flushed) of `moexport bench kernels --tune` on the H200, bf16
+# (triton 3.6), the ones bench/results/kernels_h200.* was measured with.
+TUNED: dict[tuple, dict[str, Any]] = {
+    ("experts", 412, 16, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # WT103-small, T=1
+    ("experts", 412, 16, 128, 412, 4, 16): _experts("decode", 16, 16, 128, 128, 4, 3),  # WT103-small, T=16
+    ("experts", 412, 16, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # WT103-small, T=256
+    ("experts", 412, 16, 128, 412, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 3),  # WT103-small, T=4096
+    ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3),  # WT103-small, T=32768
+    ("experts", 1024, 32, 128, 1024, 4, 1): _experts("decode", 16, 32, 256, 256, 8, 3),  # WT103-big, T=1
+    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("decode", 16, 32, 256, 256, 8, 3),  # WT103-big, T=16
+    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("fused", 16, 64, 256, 128, 4, 3),  # WT103-big, T=256
+    ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4),  # WT103-big, T=4096
+    ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3),  # WT103-big, T=32768
+    ("experts", 412, 128, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # WT103-238M, T=1
+    ("experts", 412, 128, 128, 412, 4, 16): _experts("decode", 16, 32, 128, 128, 4, 3),  # WT103-238M, T=16
+    ("experts", 412, 128, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # WT103-238M, T=256
+    ("experts", 412, 128, 128, 412, 4, 4096): _experts("fused", 128, 128, 128, 64, 8, 2),  # WT103-238M, T=4096
+    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3),  # WT103-238M, T=32768
+    ("experts", 2048, 64, 256, 2048, 8, 1): _experts("decode", 16, 64, 256, 256, 8, 3),  # large, T=1
+    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("decode", 16, 64, 256, 256, 8, 3),  # large, T=16
+    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3),  # large, T=256
+    ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("fused", 128, 128, 64, 64, 8, 4),  # large, T=4096
+    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("fused", 128, 128, 64, 64, 8, 4),  # large, T=32768
+}
 
 
 def bucket(n_tokens: int) -> int:

@@ -123,7 +123,7 @@ _DIRECT_BROKEN = False  # set when a launcher rejected a direct launch
 def _direct_launch() -> bool:
     """Whether calls may launch the compiled kernels directly: not when MOEXPORT_JIT_LAUNCH=1 (every
     call through Triton's JIT, for comparison) nor while Triton launch hooks are set (profilers);
-    Triton 3.5+ keeps the hooks in chains that are never None but may be empty."""
+    recent Triton (3.6, 3.9) keeps the hooks in chains that are never None but may be empty."""
     if _DIRECT_BROKEN or os.environ.get("MOEXPORT_JIT_LAUNCH") == "1":
         return False
     try:
