@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from moexport.core.dtypes import dtype_name
@@ -207,7 +206,7 @@ def sigma_moe_train(layer, x: torch.Tensor) -> torch.Tensor:
     """
     flat = x.reshape(-1, layer.d_model)
     shape = plans.MoEShape.of(layer, dtype_name(x.dtype))
-    logits = F.linear(flat.float(), layer.expert_sel.float())
+    logits = layer.router_logits(flat)  # float32 also under autocast (the routing rule)
     layer.remember_logits(logits)
     drop = None
     if layer.training and layer.expert_dropout > 0:

@@ -91,6 +91,15 @@ def test_training_forward_feeds_the_entropy_regularizer(device):
     assert torch.isfinite(layer.entropy_regularizer())
 
 
+def test_training_under_bf16_autocast_routes_on_float32_logits(device):
+    layer = make_layer(device=device).train()
+    x = torch.randn(20, 24, device=device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y = sigma_moe_train(layer, x)
+    assert layer._last_logits.dtype == torch.float32
+    assert_close(y, layer.reference_forward(x), torch.float32, "y under autocast")
+
+
 def test_fast_path_is_offered_for_cuda_inputs_only():
     import moexport  # noqa: F401 - importing the package registers the kernels
 
