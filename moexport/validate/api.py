@@ -122,8 +122,14 @@ def _default_onnx_runners() -> list[str]:
 def _make_runner(name: str, path: Path):
     if name == "trt":
         return trt_runner(path)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if name == "onnxrt-cuda" else None
-    return onnxrt_runner(path, providers=providers)
+    if name == "onnxrt":
+        return onnxrt_runner(path)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise MoexportError(f"runner {name!r}", "needs ONNX Runtime's CUDA execution provider, which is not installed",
+                            "install onnxruntime-gpu (pip install 'moexport[gpu]') on a machine with a CUDA GPU")
+    return onnxrt_runner(path, providers=["CUDAExecutionProvider"])
 
 
 def _routing_names(model: torch.nn.Module) -> set[str]:

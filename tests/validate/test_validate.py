@@ -142,6 +142,11 @@ def test_bad_input_is_one_clear_error(lm, lm_dispatch, tmp_path):
         validate(tmp_path / "garbage.onnx", lm)
     with pytest.raises(MoexportError, match="runner 'tensorflow'"):
         validate(lm_dispatch, lm, runners=["tensorflow"])
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # never a silent CPU fallback
+        with pytest.raises(MoexportError, match="runner 'onnxrt-cuda' | needs ONNX Runtime's CUDA"):
+            validate(lm_dispatch, lm, runners=["onnxrt-cuda"])
     with pytest.raises(MoexportError, match="--shapes tokens"):
         validate(lm_dispatch, lm, shapes="tokens:[1,8]")
     (tmp_path / "model.plan").write_bytes(b"engine")
