@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from moexport.core.dtypes import dtype_name
 from moexport.core.errors import MoexportError
+from moexport.kernels import graphs
 from moexport.kernels import plan as plans
 from moexport.kernels.configs import bucket
 from moexport.kernels.host import run_plan
@@ -41,17 +42,26 @@ def _shape(x, expert_sel, keys, values, bias, k, selection, activation) -> plans
     return plans.MoEShape(d, E, G, values.shape[-1], k, dtype_name(x.dtype), selection, activation, bias is not None)
 
 
-def _sigma_moe(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               bias: Optional[torch.Tensor], o_bias: Optional[torch.Tensor], k: int, selection: str,
-               activation: str) -> torch.Tensor:
+def _layer_plan(x, expert_sel, keys, values, bias, k, selection, activation) -> plans.Plan:
     key = (bucket(x.shape[0]), x.dtype, tuple(keys.shape), values.shape[-1], k, selection, activation,
            bias is not None)
     plan = _LAYER_PLANS.get(key)
     if plan is None:
         shape = _shape(x, expert_sel, keys, values, bias, k, selection, activation)
         plan = _LAYER_PLANS[key] = _plan(plans.sigma_moe_plan, shape, bucket(x.shape[0]))
+    return plan
+
+
+def _run_layer(plan: plans.Plan, x, expert_sel, keys, values, bias, o_bias) -> torch.Tensor:
     return run_plan(plan, {"x": x, "expert_sel": expert_sel, "keys": keys, "values": values, "bias": bias,
                            "o_bias": o_bias})["y"]
+
+
+def _sigma_moe(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               bias: Optional[torch.Tensor], o_bias: Optional[torch.Tensor], k: int, selection: str,
+               activation: str) -> torch.Tensor:
+    plan = _layer_plan(x, expert_sel, keys, values, bias, k, selection, activation)
+    return _run_layer(plan, x, expert_sel, keys, values, bias, o_bias)
 
 
 # (token bucket, dtype, keys shape, v_dim, k, selection, activation, bias) -> plan: a repeated call
@@ -75,13 +85,15 @@ def _plain_eager(x: torch.Tensor) -> bool:
 
 def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *,
                       k: int, selection: str | None = None, activation: str | None = None,
-                      bias: torch.Tensor | None = None, o_bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, o_bias: torch.Tensor | None = None,
+                      cuda_graph: bool | None = None) -> torch.Tensor:
     """Inference forward of a σ-MoE layer on the kernels: x [..., d] -> y [..., v_dim].
 
-    Few tokens run the decode sequence (2 launches), more the dispatched one (3 or 4 launches; see
+    Few tokens run the decode sequence (2 launches), more the dispatched one (3 to 5 launches; see
     `plan.sigma_moe_plan`); none synchronises with the host, so the call can be captured in a
     CUDA graph. Under torch.compile, torch.export or a dispatch mode it is the custom op
-    `moexport::sigma_moe`; a plain eager call skips the op's dispatcher and runs the same plan.
+    `moexport::sigma_moe`; a plain eager call skips the op's dispatcher and runs the same plan,
+    from a cached CUDA graph when it repeats a shape (`graphs`: the output is a fresh tensor).
 
     Args:
         x: Tokens [..., d]; all tensors share its dtype and device.
@@ -90,10 +102,23 @@ def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Ten
         selection: 'sigmoid', 'softmax' or 'softmax_after_topk'. Defaults to 'sigmoid'.
         activation: 'relu', 'gelu' or 'silu'. Defaults to 'relu'.
         bias, o_bias: Hidden bias [E, G] and output bias [v_dim]. Defaults to none.
+        cuda_graph: Replay plain eager CUDA calls from a cached CUDA graph: None (default) for
+            inputs up to `graphs.MAX_INPUT_BYTES`, True at any size, False never (launch directly).
     """
     flat = x.reshape(-1, x.shape[-1])
-    op = _sigma_moe if _plain_eager(flat) else _sigma_moe_op
-    y = op(flat, expert_sel, keys, values, bias, o_bias, k, selection or "sigmoid", activation or "relu")
+    selection, activation = selection or "sigmoid", activation or "relu"
+    weights = (expert_sel, keys, values, bias, o_bias)
+    if not _plain_eager(flat):
+        y = _sigma_moe_op(flat, *weights, k, selection, activation)
+    else:
+        plan = _layer_plan(flat, expert_sel, keys, values, bias, k, selection, activation)
+        y = None
+        if cuda_graph is not False:
+            # the plan (hence the configs it was built with) is part of the key
+            y = graphs.replay(flat, weights, id(plan), lambda xs: _run_layer(plan, xs, *weights),
+                              any_size=bool(cuda_graph))
+        if y is None:
+            y = _run_layer(plan, flat, *weights)
     return y.reshape(*x.shape[:-1], values.shape[-1])
 
 
