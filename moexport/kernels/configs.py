@@ -16,15 +16,22 @@ DECODE_MAX_TOKENS = 64
 SMS = 132
 
 
-def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int) -> dict[str, Any]:
+# Float32 accumulators at least this large (bytes) are zeroed by a memset and rounded by a finalize
+# pass ('pass'); smaller ones by the route kernel and the expert kernels' last contributors ('inline').
+PASS_ACC_BYTES = 32 << 20
+
+
+def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
+             finish: str = "inline") -> dict[str, Any]:
     return {"mode": mode, "BLOCK_M": m, "BLOCK_G": g, "BLOCK_D": d, "BLOCK_N": n, "num_warps": warps,
-            "num_stages": stages}
+            "num_stages": stages, "finish": finish}
 
 
 # (role, d_in, d_out, bucket) -> CVMM config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), and
 # ("experts", d, n_experts, expert_size, v_dim, k, bucket) -> `experts_config`. The experts configs
 # below are the fastest (eager, L2 flushed) of `moexport bench kernels --tune` on the H200, bf16
-# (triton 3.6), the ones bench/results/kernels_h200.* was measured with.
+# (triton 3.6), the ones bench/results/kernels_h200.* was measured with; the sequence and rounding
+# ('finish') of the buckets >= 4096 from the `--tune --sequences` sweep of the same call.
 TUNED: dict[tuple, dict[str, Any]] = {
     ("experts", 412, 16, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # WT103-small, T=1
     ("experts", 412, 16, 128, 412, 4, 16): _experts("decode", 16, 16, 128, 128, 4, 3),  # WT103-small, T=16
@@ -34,18 +41,18 @@ TUNED: dict[tuple, dict[str, Any]] = {
     ("experts", 1024, 32, 128, 1024, 4, 1): _experts("decode", 16, 32, 256, 256, 8, 3),  # WT103-big, T=1
     ("experts", 1024, 32, 128, 1024, 4, 16): _experts("decode", 16, 32, 256, 256, 8, 3),  # WT103-big, T=16
     ("experts", 1024, 32, 128, 1024, 4, 256): _experts("fused", 16, 64, 256, 128, 4, 3),  # WT103-big, T=256
-    ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4),  # WT103-big, T=4096
-    ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3),  # WT103-big, T=32768
+    ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4, "pass"),  # WT103-big, T=4096
+    ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # WT103-big, T=32768
     ("experts", 412, 128, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # WT103-238M, T=1
     ("experts", 412, 128, 128, 412, 4, 16): _experts("decode", 16, 32, 128, 128, 4, 3),  # WT103-238M, T=16
     ("experts", 412, 128, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # WT103-238M, T=256
-    ("experts", 412, 128, 128, 412, 4, 4096): _experts("fused", 128, 128, 128, 64, 8, 2),  # WT103-238M, T=4096
-    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3),  # WT103-238M, T=32768
+    ("experts", 412, 128, 128, 412, 4, 4096): _experts("fused", 128, 128, 128, 64, 8, 2, "pass"),  # WT103-238M, T=4096
+    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # WT103-238M, T=32768
     ("experts", 2048, 64, 256, 2048, 8, 1): _experts("decode", 16, 64, 256, 256, 8, 3),  # large, T=1
     ("experts", 2048, 64, 256, 2048, 8, 16): _experts("decode", 16, 64, 256, 256, 8, 3),  # large, T=16
     ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3),  # large, T=256
-    ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("fused", 128, 128, 64, 64, 8, 4),  # large, T=4096
-    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("fused", 128, 128, 64, 64, 8, 4),  # large, T=32768
+    ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("fused", 128, 128, 64, 64, 8, 4, "pass"),  # large, T=4096
+    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("fused", 128, 128, 64, 64, 8, 4, "pass"),  # large, T=32768
 }
 
 
@@ -95,8 +102,9 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
 
     `mode`: 'decode' (no dispatch; one program per expert and hidden chunk of BLOCK_G units, all
     BLOCK_M >= N tokens masked by choice), 'fused' (row tiles of BLOCK_M dispatched rows, up and
-    down in one program) or 'split' (two CVMM launches, configs of `tile_config`). The defaults
-    give every SM a couple of programs; `TUNED` overrides them with measured ones.
+    down in one program) or 'split' (two CVMM launches, configs of `tile_config`). `finish`:
+    'inline' or 'pass' (see `plan.sigma_moe_plan`; decode is always inline). The defaults give
+    every SM a couple of programs; `TUNED` overrides them with measured ones.
     """
     key = ("experts", d, n_experts, expert_size, v_dim, k, n_bucket)
     if key in TUNED:
@@ -106,7 +114,7 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
         used = n_experts * (1 - (1 - k / n_experts) ** n_bucket)  # experts expected to be chosen
         block_g = min(64, pow2(G), max(16, _pow2_below(used * G / (2 * SMS))))
         return {"mode": "decode", "BLOCK_M": pow2(n_bucket), "BLOCK_G": block_g, "BLOCK_D": 128, "BLOCK_N": 128,
-                "num_warps": 4, "num_stages": 3}
+                "num_warps": 4, "num_stages": 3, "finish": "inline"}
     rows = n_bucket * k // n_experts
     block_m = min(128, pow2(rows))
     tiles = n_experts * -(-rows // block_m)
@@ -115,4 +123,5 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
         block_g //= 2
     big = block_m * block_g >= 128 * 64
     return {"mode": "fused", "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": 64, "BLOCK_N": 64 if big else 128,
-            "num_warps": 8 if big else 4, "num_stages": 3}
+            "num_warps": 8 if big else 4, "num_stages": 3,
+            "finish": "pass" if n_bucket * v_dim * 4 >= PASS_ACC_BYTES else "inline"}

@@ -117,12 +117,15 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
 
 
 def _dispatch_steps(s: MoEShape, n: int, route_block: int, tile_m: int) -> tuple[Step, ...]:
+    # every program sums all chunks' histograms: tiles of up to 4096 counts, so that many chunks
+    # (32768 tokens: 512) take a few dependent loads rather than one per 32 chunks
+    block_c = max(16, min(4096 // pow2(s.n_experts), pow2(-(-n // route_block))))
     return (Step(
         "routing.dispatch_kernel", (f"cdiv(N, {route_block})",),
         {"expert_ptr": "expert", "counts_ptr": "counts", "sorted_expert_ptr": "sorted_expert",
          "sorted_slot_ptr": "sorted_slot", "offsets_ptr": "offsets", "tile_map_ptr": "tile_map", "N": "N"},
         {"E": s.n_experts, "K": s.k, "TILE_M": tile_m, "BLOCK_N": route_block, "BLOCK_E": pow2(s.n_experts),
-         "BLOCK_C": 32, "SUB": 64}, 4, 2),)
+         "BLOCK_C": block_c, "SUB": 64}, 4, 2),)
 
 
 def _cvmm_step(*, x: str, w: str, out: str, e: int, k_in: int, n_out: int, w_strides: tuple[int, int, int],
@@ -209,28 +212,36 @@ def _layer_inputs(s: MoEShape, *, with_x: bool = True) -> tuple[Buffer, ...]:
 def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     """Inference forward of a σ-MoE layer for token counts in n_tokens' bucket.
 
-    The route kernel also zeroes the float32 accumulator and the counters; the last launch adds
-    every expert's contribution and rounds each token row once it is complete (`experts.py`).
     The config of the bucket (`configs.experts_config`) picks one of three sequences:
 
     - decode: route -> experts (one program per selected expert and hidden chunk; nothing sorted);
     - fused: route -> dispatch -> experts (up, activation and down per row tile of the plan);
-    - split: route -> dispatch -> up CVMM (h through memory) -> down CVMM (float32 atomics).
+    - split: route -> dispatch -> up CVMM (h through memory) -> down CVMM (float32 atomics);
+
+    and one of two ways to round the float32 accumulator into y (`finish`): 'inline', the route
+    kernel zeroes the accumulator and counters and the last contributor of each token row rounds
+    it in the last launch (`experts.finish_rows`); or 'pass', a memset of the accumulator first
+    and a finalize launch last (cheaper where counting and re-reading rows inside the expert
+    kernels costs more than one more pass over the accumulator: large v_dim, many tokens).
     """
     n = bucket(n_tokens)
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
     cfg = experts_config(d, E, G, dv, s.k, n)
     mode = cfg["mode"]
-    # a float32 layer without output bias adds into y itself: nothing to round, nothing to count
+    # a float32 layer without output bias adds into y itself (zeroed by the route kernel): nothing to round
     direct = s.dtype == "float32" and not s.bias
+    inline = not direct and (mode == "decode" or cfg.get("finish", "inline") == "inline")
     count_cols = 1
     if mode == "split":
         count_cols = -(-dv // _block_n(tile_config("down", G, dv, n, rows_per_expert=n * s.k // E), dv))
-    out = {"acc": "y" if direct else "acc", "count": None if direct else "count", "y": None if direct else "y"}
-    route = _route_step(s, n, source="x", counts=mode != "decode", zero=out["acc"], count=out["count"],
-                        count_cols=count_cols)
-    workspace = () if direct else (Buffer("acc", "float32", ("N", str(dv))),
-                                   Buffer("count", "int32", ("N", str(count_cols))))
+    out = {"acc": "y" if direct else "acc", "count": "count" if inline else None, "y": "y" if inline else None}
+    route = _route_step(s, n, source="x", counts=mode != "decode", zero=out["acc"] if direct or inline else None,
+                        count=out["count"], count_cols=count_cols)
+    workspace = ()
+    if inline:
+        workspace = (Buffer("acc", "float32", ("N", str(dv))), Buffer("count", "int32", ("N", str(count_cols))))
+    elif not direct:
+        workspace = (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
     if mode == "decode":
         steps = (route, _experts_step(s, cfg, dispatched=False, **out))
         workspace += (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))))
@@ -248,12 +259,14 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
             down = _cvmm_step(x="h", w="values", out=out["acc"], e=E, k_in=G, n_out=dv, w_strides=(G * dv, dv, 1),
                               cfg=tile_config("down", G, dv, n, rows_per_expert=rows), tile_m=tile_m,
                               dst="sorted_slot", dst_div=s.k, gate="gate", gate_by_dst=True, epilogue=1,
-                              count=out["count"], o_bias="o_bias" if s.bias else None, y=out["y"])
+                              count=out["count"], o_bias="o_bias" if s.bias and inline else None, y=out["y"])
             steps += (up, down)
             workspace += (Buffer("h", s.dtype, ("S", str(G))),)
+    if not direct and not inline:
+        steps += (_finalize_step("acc", "o_bias" if s.bias else None, "y", dv),)
     return Plan("sigma_moe", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(dv))),), workspace, steps,
                 derived=(("S", f"N * {s.k}"),), max_tokens=cfg["BLOCK_M"] if mode == "decode" else n,
-                notes={"mode": mode, "config": cfg})
+                notes={"mode": mode, "finish": "inline" if inline or direct else "pass", "config": cfg})
 
 
 def _experts_step(s: MoEShape, cfg: dict, *, dispatched: bool, acc: str, count: str | None, y: str | None) -> Step:
@@ -265,7 +278,8 @@ def _experts_step(s: MoEShape, cfg: dict, *, dispatched: bool, acc: str, count: 
     return Step(
         "experts.experts_kernel", grid,
         {"x_ptr": "x", "keys_ptr": "keys", "bias_ptr": "bias" if s.bias else None, "values_ptr": "values",
-         "o_bias_ptr": "o_bias" if s.bias else None, "gate_ptr": "gate", "expert_ptr": None if dispatched else "expert",
+         "o_bias_ptr": "o_bias" if s.bias and y else None, "gate_ptr": "gate",
+         "expert_ptr": None if dispatched else "expert",
          **{name: buf if dispatched else None for name, buf in plan.items()},
          "acc_ptr": acc, "count_ptr": count, "y_ptr": y, "N": "N"},
         {"E": E, "D": s.d, "G": G, "DV": s.v_dim, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation],

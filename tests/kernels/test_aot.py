@@ -11,17 +11,40 @@ from moexport.kernels.plan import MoEShape, evaluate, sigma_moe_plan
 SHAPE = MoEShape(64, 8, 32, 64, 2, "bfloat16", "sigmoid", "relu", True)
 
 
+def carried_plans() -> dict:
+    """name -> plan of the manifests the H200 script carries (MOEXPORT_AOT_DIR), compiled on this CPU
+    machine by `python tests/kernels/test_aot.py .carry/aot`: the decode plan, the dispatched plan
+    rounded inline, and the dispatched plan with a memset and a finalize pass."""
+    from moexport.kernels import configs
+
+    plans = {"moe_16": sigma_moe_plan(SHAPE, 16), "moe_4096": sigma_moe_plan(SHAPE, 4096)}
+    key = ("experts", SHAPE.d, SHAPE.n_experts, SHAPE.expert_size, SHAPE.v_dim, SHAPE.k, 4096)
+    configs.TUNED[key] = dict(configs.experts_config(*key[1:]), finish="pass")
+    try:
+        plans["moe_4096_pass"] = sigma_moe_plan(SHAPE, 4096)
+    finally:
+        configs.TUNED.pop(key)
+    return plans
+
+
 def test_expressions_cover_the_plan_language():
     assert evaluate("cdiv(N, 64) * 3 + min(N, 5) - max(1, N // 2)", {"N": 100}) == 2 * 3 + 5 - 50
     assert evaluate(7, {}) == 7
 
 
-@pytest.mark.parametrize("n_tokens", [16, 4096])
-def test_compile_plan_writes_cubins_and_launch_metadata_without_a_gpu(tmp_path, n_tokens):
-    plan = sigma_moe_plan(SHAPE, n_tokens)
-    path = compile_plan(plan, tmp_path, sm=90, name=f"moe_{n_tokens}")
+@pytest.mark.parametrize("name", ["moe_16", "moe_4096", "moe_4096_pass"])
+def test_compile_plan_writes_cubins_and_launch_metadata_without_a_gpu(tmp_path, name):
+    plan = carried_plans()[name]
+    path = compile_plan(plan, tmp_path, sm=90, name=name)
     manifest = json.loads(path.read_text())
     assert manifest["sm"] == 90 and len(manifest["steps"]) == len(plan.steps)
+    # rounding: in the expert kernel (counters zeroed by the route kernel), or a memset and a last pass
+    zeroed = [b["name"] for b in manifest["workspace"] if b["zero"]]
+    last = manifest["steps"][-1]["kernel"]
+    if name.endswith("pass"):
+        assert zeroed == ["acc"] and last == "cvmm.finalize_kernel"
+    else:
+        assert zeroed == [] and last == "experts.experts_kernel"
     for step in manifest["steps"]:
         cubin = (tmp_path / step["cubin"]).read_bytes()
         assert cubin[:4] == b"\x7fELF", step["cubin"]
@@ -37,15 +60,15 @@ def test_compile_plan_writes_cubins_and_launch_metadata_without_a_gpu(tmp_path, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_tokens", [7, 3000])
-def test_aot_cubins_run_through_the_driver_like_the_jit(tmp_path, n_tokens):
+@pytest.mark.parametrize("name, n_tokens", [("moe_16", 7), ("moe_4096", 3000), ("moe_4096_pass", 3000)])
+def test_aot_cubins_run_through_the_driver_like_the_jit(tmp_path, name, n_tokens):
     from moexport.kernels.launcher import AOTRunner
 
     torch.manual_seed(1)
     tensors = {"x": torch.randn(n_tokens, 64), "expert_sel": torch.randn(8, 64), "keys": torch.randn(8, 64, 32) / 8,
                "values": torch.randn(8, 32, 64) / 6, "bias": torch.randn(8, 32), "o_bias": torch.randn(64)}
     tensors = {n: t.to("cuda", torch.bfloat16) for n, t in tensors.items()}
-    runner = AOTRunner(compile_plan(sigma_moe_plan(SHAPE, n_tokens), tmp_path, sm=90))
+    runner = AOTRunner(compile_plan(carried_plans()[name], tmp_path, sm=90))
     y = runner.run(tensors)["y"]
     jit = sigma_moe_forward(tensors["x"], tensors["expert_sel"], tensors["keys"], tensors["values"], k=2,
                             bias=tensors["bias"], o_bias=tensors["o_bias"])
@@ -55,8 +78,8 @@ def test_aot_cubins_run_through_the_driver_like_the_jit(tmp_path, n_tokens):
 
 @pytest.mark.gpu
 def test_cubins_compiled_on_a_cpu_machine_run_here():
-    """MOEXPORT_AOT_DIR: manifests `moe_16.json` and `moe_4096.json` that the CPU test above wrote with
-    pip Triton (set by the H200 script, which carries them); without it there is nothing to load."""
+    """MOEXPORT_AOT_DIR: the manifests of `carried_plans`, compiled on the CPU machine with pip Triton
+    (set by the H200 script, which carries them); without it there is nothing to load."""
     import os
     from pathlib import Path
 
@@ -65,7 +88,7 @@ def test_cubins_compiled_on_a_cpu_machine_run_here():
     folder = os.environ.get("MOEXPORT_AOT_DIR")
     if not folder:
         pytest.skip("MOEXPORT_AOT_DIR not set: no cubins from another machine to load")
-    for name, n_tokens in (("moe_16", 11), ("moe_4096", 2500)):
+    for name, n_tokens in (("moe_16", 11), ("moe_4096", 2500), ("moe_4096_pass", 2500)):
         runner = AOTRunner(Path(folder) / f"{name}.json")
         tensors = {"x": torch.randn(n_tokens, 64), "expert_sel": torch.randn(8, 64),
                    "keys": torch.randn(8, 64, 32) / 8, "values": torch.randn(8, 32, 64) / 6,
@@ -75,3 +98,10 @@ def test_cubins_compiled_on_a_cpu_machine_run_here():
         jit = sigma_moe_forward(tensors["x"], tensors["expert_sel"], tensors["keys"], tensors["values"], k=2,
                                 bias=tensors["bias"], o_bias=tensors["o_bias"])
         torch.testing.assert_close(y.float(), jit.float(), rtol=1e-2, atol=1e-2, msg=name)
+
+
+if __name__ == "__main__":  # compile the carried manifests: python tests/kernels/test_aot.py OUT_DIR
+    import sys
+
+    for plan_name, plan in carried_plans().items():
+        print(compile_plan(plan, sys.argv[1], sm=90, name=plan_name))

@@ -108,11 +108,14 @@ def test_fast_path_is_offered_for_cuda_inputs_only():
         assert accel.lookup("sigma_moe", torch.zeros(1, device="cuda")) is not None
 
 
-@pytest.mark.parametrize("mode, n_tokens", [("decode", 9), ("fused", 150), ("split", 150)])
+@pytest.mark.parametrize("mode, finish, n_tokens", [("decode", "inline", 9), ("fused", "inline", 150),
+                                                    ("fused", "pass", 150), ("split", "inline", 150),
+                                                    ("split", "pass", 150)])
 @pytest.mark.parametrize("dtype, bias", [(torch.bfloat16, True), (torch.float32, False)])
-def test_every_experts_sequence_matches_the_reference(mode, n_tokens, dtype, bias, device, monkeypatch):
+def test_every_experts_sequence_matches_the_reference(mode, finish, n_tokens, dtype, bias, device, monkeypatch):
     """Each sequence `configs.experts_config` can pick, with several hidden chunks per expert and
-    several column blocks: every token row must be rounded once, by its last contributor."""
+    several column blocks: every token row must be rounded once, by its last contributor (inline)
+    or by the finalize pass after a memset (pass)."""
     from moexport.kernels import configs, ops
 
     layer = SigmaMoE(24, 6, 32, 2, bias=bias, v_dim=20)
@@ -122,7 +125,7 @@ def test_every_experts_sequence_matches_the_reference(mode, n_tokens, dtype, bia
             layer.o_bias.normal_()
     layer = layer.to(device, dtype).eval()
     config = {"mode": mode, "BLOCK_M": 16 if mode == "decode" else 32, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16,
-              "num_warps": 4, "num_stages": 2}
+              "num_warps": 4, "num_stages": 2, "finish": finish}
     monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, configs.bucket(n_tokens)), config)
     # the split sequence's down projection in two column tiles, each rounded by its own last contributor
     monkeypatch.setitem(configs.TUNED, ("down", 32, 20, configs.bucket(n_tokens)),
@@ -130,4 +133,6 @@ def test_every_experts_sequence_matches_the_reference(mode, n_tokens, dtype, bia
     monkeypatch.setattr(ops, "_PLANS", {})
     monkeypatch.setattr(ops, "_LAYER_PLANS", {})
     x = torch.randn(n_tokens, 24).to(device, dtype)
-    assert_close(forward(layer, x), layer.reference_forward(x), dtype, f"y {mode} {dtype}")
+    plan = ops._layer_plan(x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
+    assert plan.notes["finish"] == ("inline" if mode == "decode" or not bias else finish)
+    assert_close(forward(layer, x), layer.reference_forward(x), dtype, f"y {mode} {finish} {dtype}")
