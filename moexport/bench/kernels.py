@@ -6,7 +6,9 @@ For each shape and token count T, in one run, bf16, forward only, median millise
 - dense FFN with the σ-MoE's parameters (d_ff = E*G) and with its active compute (d_ff = k*G),
   eagerly and replayed from a CUDA graph;
 - σ-MoE with torch._grouped_mm (routing and dispatch in PyTorch);
-- σ-MoE on the moexport kernels, eagerly (with the host time per call) and from a CUDA graph;
+- σ-MoE on the moexport kernels: eagerly as a user calls it (a repeated call with x <= 4 MB replays
+  the layer's cached CUDA graph: `moexport.kernels.graphs`), eagerly with direct launches only
+  (`cuda_graph=False`), each with its host time per call, and from the caller's own CUDA graph;
 - the floor: max(bytes / 4.25 TB/s, FLOPs / 690 TFLOP/s), bytes = x, y, router and the weights of
   the experts expected to be selected at least once; FLOPs = router + k experts.
 
@@ -36,9 +38,9 @@ BANDWIDTH, MATMUL = 4.25e12, 690e12  # measured on the H200: copy bytes/s, bf16 
 GRAPH_MAX_TOKENS = 32768
 DEVICE = "cuda"
 
-COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_mm_ms", "moe_ms", "floor_ms",
-           "moe_host_us", "dense_param_graph_ms", "dense_compute_graph_ms", "moe_graph_ms", "vs_param",
-           "vs_compute", "vs_compute_graph", "vs_grouped_mm", "max_err", "flips"]
+COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_mm_ms", "moe_ms", "moe_direct_ms",
+           "floor_ms", "moe_host_us", "moe_direct_host_us", "dense_param_graph_ms", "dense_compute_graph_ms",
+           "moe_graph_ms", "vs_param", "vs_compute", "vs_compute_graph", "vs_grouped_mm", "max_err", "flips"]
 
 
 def floor_ms(d: int, E: int, G: int, k: int, T: int) -> float:
@@ -81,10 +83,10 @@ class _Layer:
     def dense(self, x, w1, w2):
         return F.linear(F.relu(F.linear(x, w1)), w2)
 
-    def moe(self, x):
+    def moe(self, x, cuda_graph=None):
         from moexport.kernels import sigma_moe_forward
 
-        return sigma_moe_forward(x, self.sel, self.keys, self.values, k=self.k)
+        return sigma_moe_forward(x, self.sel, self.keys, self.values, k=self.k, cuda_graph=cuda_graph)
 
     def grouped_mm(self, x):
         logits = F.linear(x.float(), self.sel.float())
@@ -127,10 +129,12 @@ def _host_us(fn, n: int = 100) -> float:
 
 
 def _mode(name: str, T: int) -> str:
+    """The sequence and (if not decode) how y is rounded, e.g. 'fused, pass'."""
     from moexport.kernels.configs import bucket, experts_config
 
     d, E, G, k = SHAPES[name]
-    return experts_config(d, E, G, d, k, bucket(T))["mode"]
+    cfg = experts_config(d, E, G, d, k, bucket(T))
+    return cfg["mode"] if cfg["mode"] == "decode" else f"{cfg['mode']}, {cfg.get('finish', 'inline')}"
 
 
 def measure(name: str, T: int, *, graph: bool = True) -> dict:
@@ -139,20 +143,25 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
     x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
     row = {"shape": name, "T": T, "path": _mode(name, T), "floor_ms": floor_ms(d, E, G, k, T)}
     calls = {"dense_param": lambda: layer.dense(x, layer.w1, layer.w2),
-             "dense_compute": lambda: layer.dense(x, layer.c1, layer.c2), "moe": lambda: layer.moe(x)}
+             "dense_compute": lambda: layer.dense(x, layer.c1, layer.c2), "moe": lambda: layer.moe(x),
+             "moe_direct": lambda: layer.moe(x, cuda_graph=False)}
     with torch.no_grad():
-        y = layer.moe(x)
+        first = layer.moe(x)  # through Triton's JIT
+        ref = None
         try:
             ref = layer.grouped_mm(x)
             row["grouped_mm_ms"] = _time(lambda: layer.grouped_mm(x))
-            row.update(_agreement(layer, x, y, ref))
         except RuntimeError as error:  # torch._grouped_mm missing or unsupported here
             row["grouped_mm_error"] = str(error).splitlines()[0]
         for what, fn in calls.items():
             row[f"{what}_ms"] = _time(fn)
             row[f"{what}_host_us"] = _host_us(fn)
-            if graph and T <= GRAPH_MAX_TOKENS:
+            if graph and T <= GRAPH_MAX_TOKENS and what != "moe_direct":  # the same launches as moe
                 row[f"{what}_graph_ms"] = _time(_graphed(fn))
+        if ref is not None:
+            # the timed path's output (a graph replay where moe_ms is one), and the first call's (JSON)
+            row.update(_agreement(layer, x, layer.moe(x), ref))
+            row.update({f"{key}_first": value for key, value in _agreement(layer, x, first, ref).items()})
     row["vs_param"] = row["moe_ms"] / row["dense_param_ms"]
     row["vs_compute"] = row["moe_ms"] / row["dense_compute_ms"]
     if "moe_graph_ms" in row:
@@ -163,12 +172,18 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
     return row
 
 
-def candidates(name: str, T: int) -> list[dict]:
-    """Experts configs worth timing for a shape and token count (see `configs.experts_config`)."""
+def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
+    """Experts configs worth timing for a shape and token count (see `configs.experts_config`):
+    tile configs, or with `sequences` the shipped tiles in each dispatched sequence (fused, split)
+    and rounding (inline, pass)."""
     from moexport.kernels.configs import DECODE_MAX_TOKENS, bucket, experts_config
 
     d, E, G, k = SHAPES[name]
     default = experts_config(d, E, G, d, k, bucket(T))
+    if sequences:
+        variants = [] if T <= DECODE_MAX_TOKENS else [
+            dict(default, mode=mode, finish=finish) for mode in ("fused", "split") for finish in ("inline", "pass")]
+        return [default] + [c for c in variants if c != default]
     fields = ("BLOCK_M", "BLOCK_G", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages")
     if T <= DECODE_MAX_TOKENS:
         grid = [(16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3), (32, 256, 256, 8, 3),
@@ -258,7 +273,7 @@ def _kernel_us(fn, n: int = 5) -> dict:
         return {"error": str(error).splitlines()[0][:160]}
 
 
-def tune(name: str, T: int) -> dict:
+def tune(name: str, T: int, *, sequences: bool = False) -> dict:
     """Time every candidate experts config of one shape and token count (eager and graph replay),
     checking each one's output against torch._grouped_mm; returns them all, best (eager) first."""
     d, E, G, k = SHAPES[name]
@@ -267,7 +282,7 @@ def tune(name: str, T: int) -> dict:
     timings = []
     with torch.no_grad():
         ref = layer.grouped_mm(x)
-        for config in candidates(name, T):
+        for config in candidates(name, T, sequences=sequences):
             _use(name, T, config)
             try:
                 agree = _agreement(layer, x, layer.moe(x), ref)
@@ -319,13 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moexport bench kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--output", default=None, help="Results folder. Defaults to bench/results.")
-    parser.add_argument("--name", default=None, help="File stem. Defaults to kernels_<gpu>, e.g. kernels_h200.")
+    parser.add_argument("--name", default=None, help="File stem. Defaults to kernels_<gpu>, e.g. kernels_h200 "
+                        "(with --tune: kernels_tuned_<gpu>).")
     parser.add_argument("--shapes", nargs="*", default=None, help=f"Defaults to all: {', '.join(SHAPES)}.")
     parser.add_argument("--tokens", nargs="*", type=int, default=None, help="Defaults to 1 16 256 4096 32768.")
     parser.add_argument("--no-graph", action="store_true", help="Do not time the CUDA-graph replays.")
     parser.add_argument("--tune", action="store_true",
                         help="Instead of benchmarking, time the candidate experts configs; write them all as JSON "
                              "and print the best in the form of `configs.TUNED`.")
+    parser.add_argument("--sequences", action="store_true",
+                        help="With --tune: time the sequences and roundings with the shipped tiles, not tiles.")
     parser.add_argument("--configs", default=None,
                         help="A JSON file written by --tune: its best configs replace the shipped ones.")
     parser.add_argument("--jobs", type=int, default=1, help="Processes compiling kernels ahead. Defaults to 1.")
@@ -348,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         tuned = {tuple(cell["key"]): cell["best"] for cell in cells_tuned if cell["best"]}
         configs.TUNED.update(tuned)
         print(f"{len(tuned)} configs from {args.configs}")
-    tasks = [(s, t, c) for s, t in cells for c in (candidates(s, t) if args.tune else [None])]
+    tasks = [(s, t, c) for s, t in cells
+             for c in (candidates(s, t, sequences=args.sequences) if args.tune else [None])]
     if args.compile_only:
         warm(tasks, max(2, args.jobs))
         return 0
@@ -356,9 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         found = []
         for s, t in cells:
-            found.append(tune(s, t))
+            found.append(tune(s, t, sequences=args.sequences))
             print(json.dumps({k: v for k, v in found[-1].items() if k != "timings"}), flush=True)
-        out = out_dir / f"kernels_tuned_{gpu.split()[-1].lower()}.json"
+        out = out_dir / f"{args.name or 'kernels_tuned_' + gpu.split()[-1].lower()}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(found, indent=1))
         for cell in found:
@@ -389,21 +408,26 @@ def main(argv: list[str] | None = None) -> int:
 
 NOTES = """\
 Median ms, bf16, forward, one run (`triton.testing.do_bench`), L2 flushed before every call (weights
-read from HBM). Eager (`*_ms`): each call as a user makes it, host work included. do_bench clears L2
-with a 256 MB memset (~0.06 ms of GPU time) before each call and the host issues the call meanwhile,
-so an eager time is the GPU time whenever the host needs less than that per call: `moe_host_us`
-(JSON: every `*_host_us`) is the host time per call, measured apart (100 calls back to back).
-Graph (`*_graph_ms`): the same calls replayed from a CUDA graph, for the σ-MoE and both dense FFNs.
+read from HBM). do_bench clears L2 with a 256 MB memset (~0.06 ms of GPU time) before each call and
+the host issues the call meanwhile, so an eager time is the GPU time whenever the host keeps up.
+- `moe_ms`: the σ-MoE call as a user makes it (`sigma_moe_forward`, plain eager). From the second
+  call of a shape with x <= 4 MB it REPLAYS A CACHED CUDA GRAPH of the layer's launches: x copied
+  into the graph's static input, one graph launch, y copied out into a fresh tensor (the two copies
+  are in the time). Larger x: direct launches of the compiled kernels.
+- `moe_direct_ms`: the same call with `cuda_graph=False`: direct launches only (round 2's eager path).
+- `*_host_us` (JSON: also dense): host time per call, measured apart (100 calls back to back).
+- `*_graph_ms`: the call replayed from a CUDA graph the caller captured (σ-MoE and both dense FFNs).
 `path`: decode (route, experts: each selected expert's weights streamed once, nothing sorted), fused
 (route, dispatch, experts: up, activation and down per row tile) or split (route, dispatch, up CVMM,
-down CVMM); each rounds y in its last launch (no memset, no finalize pass). Configs: see
-`configs` above. Targets, and the comparison each uses: `vs_param` = moe_ms / dense_param_ms,
-eager/eager (< 1 for T >= 256; <= 0.3 for WT103-big at T = 32768); `vs_compute` = moe_ms /
-dense_compute_ms (eager/eager) and `vs_compute_graph` = moe_graph_ms / dense_compute_graph_ms
-(graph/graph): <= 2 for T <= 16; `vs_grouped_mm` = grouped_mm_ms / moe_ms, eager/eager (>= 3).
-`floor_ms` = max(bytes / 4.25 TB/s, FLOPs / 690 TFLOP/s), bytes = x, y, router and the experts
-expected to be selected. `max_err` = max |moe - grouped_mm| / max |grouped_mm| over tokens routed
-alike; `flips` = tokens whose expert set differs (row error > 5%), with the largest k-th vs (k+1)-th
-logit gap among them in the JSON (`flip_margin`): near-ties that float32 logits summed in another
-order may decide either way.
+down CVMM); then how y is rounded: inline (the route kernel zeroes the float32 accumulator, the
+last contributor of a row rounds it in the last launch; decode always) or pass (memset first,
+finalize launch last). Configs: see `configs` above. Targets, and the comparison each uses:
+`vs_param` = moe_ms / dense_param_ms (< 1 for T >= 256; <= 0.3 for WT103-big at T = 32768);
+`vs_compute` = moe_ms / dense_compute_ms and `vs_compute_graph` = moe_graph_ms /
+dense_compute_graph_ms: <= 2 for T <= 16; `vs_grouped_mm` = grouped_mm_ms / moe_ms (>= 3); all
+eager/eager except the one marked graph/graph. `floor_ms` = max(bytes / 4.25 TB/s, FLOPs / 690
+TFLOP/s), bytes = x, y, router and the experts expected to be selected. `max_err` = max |moe -
+grouped_mm| / max |grouped_mm| over tokens routed alike; `flips` = tokens whose expert set differs
+(row error > 5%), with the largest k-th vs (k+1)-th logit gap among them in the JSON
+(`flip_margin`): near-ties that float32 logits summed in another order may decide either way.
 """
