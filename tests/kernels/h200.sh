@@ -30,7 +30,7 @@ fi
   [ "$1" = "tune" ] || timeout 120 python3 -m moexport.bench kernels --compile-only --jobs 12 ) >> $LOG 2>&1 &
 COMPILING=$!
 START=$SECONDS
-timeout 170 python3 -m pytest -q $(python3 -c "import xdist" 2>/dev/null && printf -- '-n 8') tests/kernels \
+timeout 170 python3 -m pytest -v $(python3 -c "import xdist" 2>/dev/null && printf -- '-n 8') tests/kernels \
   -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -4
 echo "tests: $((SECONDS - START)) s" | tee -a $LOG
 wait $COMPILING

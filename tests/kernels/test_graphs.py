@@ -94,16 +94,18 @@ def test_replays_see_in_place_weight_updates_and_new_weights():
     layer = _layer()
     x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        for _ in range(3):
-            _infer(layer, x)
+        before = [_infer(layer, x) for _ in range(3)][-1]
         count = graphs.cached()
         layer.values.mul_(-2.0)  # the graph reads the same address: no new capture needed
-        _close(_infer(layer, x), layer.reference_forward(x), "after an in-place update")
+        after = _infer(layer, x)
         assert graphs.cached() == count
+        _close(after, -2.0 * before.float(), "after values *= -2 (y is linear in values)")
+        _close(after, _infer(layer, x, cuda_graph=False), "after an in-place update vs direct launches")
         layer.keys = torch.nn.Parameter(layer.keys.detach().clone() * 0.5)  # another tensor: another key
-        _close(_infer(layer, x), layer.reference_forward(x), "first call with new keys")
-        _close(_infer(layer, x), layer.reference_forward(x), "captured with new keys")
-        _close(_infer(layer, x), layer.reference_forward(x), "replayed with new keys")
+        direct = _infer(layer, x, cuda_graph=False)
+        for call in ("first call", "capture", "replay"):
+            _close(_infer(layer, x), direct, f"{call} with new keys")
+        assert graphs.cached() == count + 1
 
 
 @pytest.mark.gpu
@@ -111,6 +113,7 @@ def test_outer_capture_autograd_and_streams_bypass_or_separate_the_cache():
     layer = _layer()
     x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
+        direct = _infer(layer, x, cuda_graph=False)
         _infer(layer, x)
         count = graphs.cached()
         outer = torch.cuda.CUDAGraph()
@@ -118,13 +121,13 @@ def test_outer_capture_autograd_and_streams_bypass_or_separate_the_cache():
             y = _infer(layer, x)
         assert graphs.cached() == count
         outer.replay()
-        _close(y, layer.reference_forward(x), "outer capture")
+        _close(y, direct, "outer capture")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # its own static buffers
             ys = [_infer(layer, x) for _ in range(3)]
         torch.cuda.current_stream().wait_stream(side)
         assert graphs.cached() == count + 1
-        _close(ys[-1], layer.reference_forward(x), "side stream")
+        _close(ys[-1], direct, "side stream")
     x.requires_grad_()
     assert skip_reason(x, [layer.keys]) is not None  # grad enabled and x requires grad
