@@ -6,9 +6,9 @@ For each shape and token count T, in one run, bf16, forward only, median millise
 - dense FFN with the σ-MoE's parameters (d_ff = E*G) and with its active compute (d_ff = k*G),
   eagerly and replayed from a CUDA graph;
 - σ-MoE with torch._grouped_mm (routing and dispatch in PyTorch);
-- σ-MoE on the moexport kernels: eagerly as a user calls it (a repeated call with x <= 4 MB replays
-  the layer's cached CUDA graph: `moexport.kernels.graphs`), eagerly with direct launches only
-  (`cuda_graph=False`), each with its host time per call, and from the caller's own CUDA graph;
+- σ-MoE on the moexport kernels: eagerly as a user calls it (direct launches of the compiled
+  kernels), eagerly with the opt-in cached-graph replays (`cuda_graph=True`:
+  `moexport.kernels.graphs`), each with its host time per call, and from the caller's own CUDA graph;
 - the floor: max(bytes / 4.25 TB/s, FLOPs / 690 TFLOP/s), bytes = x, y, router and the weights of
   the experts expected to be selected at least once; FLOPs = router + k experts.
 
@@ -38,8 +38,8 @@ BANDWIDTH, MATMUL = 4.25e12, 690e12  # measured on the H200: copy bytes/s, bf16 
 GRAPH_MAX_TOKENS = 32768
 DEVICE = "cuda"
 
-COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_mm_ms", "moe_ms", "moe_direct_ms",
-           "floor_ms", "moe_host_us", "moe_direct_host_us", "dense_param_graph_ms", "dense_compute_graph_ms",
+COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_mm_ms", "moe_ms", "moe_cached_ms",
+           "floor_ms", "moe_host_us", "moe_cached_host_us", "dense_param_graph_ms", "dense_compute_graph_ms",
            "moe_graph_ms", "vs_param", "vs_compute", "vs_compute_graph", "vs_grouped_mm", "max_err", "flips"]
 
 
@@ -144,7 +144,7 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
     row = {"shape": name, "T": T, "path": _mode(name, T), "floor_ms": floor_ms(d, E, G, k, T)}
     calls = {"dense_param": lambda: layer.dense(x, layer.w1, layer.w2),
              "dense_compute": lambda: layer.dense(x, layer.c1, layer.c2), "moe": lambda: layer.moe(x),
-             "moe_direct": lambda: layer.moe(x, cuda_graph=False)}
+             "moe_cached": lambda: layer.moe(x, cuda_graph=True)}
     with torch.no_grad():
         first = layer.moe(x)  # through Triton's JIT
         ref = None
@@ -156,12 +156,14 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
         for what, fn in calls.items():
             row[f"{what}_ms"] = _time(fn)
             row[f"{what}_host_us"] = _host_us(fn)
-            if graph and T <= GRAPH_MAX_TOKENS and what != "moe_direct":  # the same launches as moe
+            if graph and T <= GRAPH_MAX_TOKENS and what != "moe_cached":  # the same launches as moe
                 row[f"{what}_graph_ms"] = _time(_graphed(fn))
         if ref is not None:
-            # the timed path's output (a graph replay where moe_ms is one), and the first call's (JSON)
-            row.update(_agreement(layer, x, layer.moe(x), ref))
+            # the outputs of the first call (JIT), of a direct launch (table) and of a cached-graph replay
             row.update({f"{key}_first": value for key, value in _agreement(layer, x, first, ref).items()})
+            row.update(_agreement(layer, x, layer.moe(x), ref))
+            row.update({f"{key}_cached": value for key, value in
+                        _agreement(layer, x, layer.moe(x, cuda_graph=True), ref).items()})
     row["vs_param"] = row["moe_ms"] / row["dense_param_ms"]
     row["vs_compute"] = row["moe_ms"] / row["dense_compute_ms"]
     if "moe_graph_ms" in row:
@@ -181,8 +183,8 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     d, E, G, k = SHAPES[name]
     default = experts_config(d, E, G, d, k, bucket(T))
     if sequences:
-        variants = [] if T <= DECODE_MAX_TOKENS else [
-            dict(default, mode=mode, finish=finish) for mode in ("fused", "split") for finish in ("inline", "pass")]
+        sequences = [(mode, finish) for mode in ("fused", "split") for finish in ("inline", "pass")]
+        variants = [] if T <= DECODE_MAX_TOKENS else [dict(default, mode=m, finish=f) for m, f in sequences]
         return [default] + [c for c in variants if c != default]
     fields = ("BLOCK_M", "BLOCK_G", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages")
     if T <= DECODE_MAX_TOKENS:
@@ -410,11 +412,11 @@ NOTES = """\
 Median ms, bf16, forward, one run (`triton.testing.do_bench`), L2 flushed before every call (weights
 read from HBM). do_bench clears L2 with a 256 MB memset (~0.06 ms of GPU time) before each call and
 the host issues the call meanwhile, so an eager time is the GPU time whenever the host keeps up.
-- `moe_ms`: the σ-MoE call as a user makes it (`sigma_moe_forward`, plain eager). From the second
-  call of a shape with x <= 4 MB it REPLAYS A CACHED CUDA GRAPH of the layer's launches: x copied
-  into the graph's static input, one graph launch, y copied out into a fresh tensor (the two copies
-  are in the time). Larger x: direct launches of the compiled kernels.
-- `moe_direct_ms`: the same call with `cuda_graph=False`: direct launches only (round 2's eager path).
+- `moe_ms`: the σ-MoE call as a user makes it (`sigma_moe_forward`, plain eager, the default):
+  direct launches of the compiled kernels (Triton's JIT only on a shape's first call).
+- `moe_cached_ms`: the same call with `cuda_graph=True` (opt-in): from its second call it REPLAYS A
+  CACHED CUDA GRAPH of the layer's launches: x copied into the graph's static input, one graph
+  launch, y copied out into a fresh tensor (both copies are in the time), at every T here.
 - `*_host_us` (JSON: also dense): host time per call, measured apart (100 calls back to back).
 - `*_graph_ms`: the call replayed from a CUDA graph the caller captured (σ-MoE and both dense FFNs).
 `path`: decode (route, experts: each selected expert's weights streamed once, nothing sorted), fused

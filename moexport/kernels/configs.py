@@ -31,28 +31,29 @@ def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
 # ("experts", d, n_experts, expert_size, v_dim, k, bucket) -> `experts_config`. The experts configs
 # below are the fastest (eager, L2 flushed) of `moexport bench kernels --tune` on the H200, bf16
 # (triton 3.6), the ones bench/results/kernels_h200.* was measured with; the sequence and rounding
-# ('finish') of the buckets >= 4096 from the `--tune --sequences` sweep of the same call.
+# ('finish') of the buckets >= 4096 are the picks of the round-3 `--tune --sequences` sweep
+# (bench/results/kernels_sequences_h200.json; split ignores the experts tiles).
 TUNED: dict[tuple, dict[str, Any]] = {
-    ("experts", 412, 16, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # WT103-small, T=1
-    ("experts", 412, 16, 128, 412, 4, 16): _experts("decode", 16, 16, 128, 128, 4, 3),  # WT103-small, T=16
-    ("experts", 412, 16, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # WT103-small, T=256
-    ("experts", 412, 16, 128, 412, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 3),  # WT103-small, T=4096
-    ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3),  # WT103-small, T=32768
-    ("experts", 1024, 32, 128, 1024, 4, 1): _experts("decode", 16, 32, 256, 256, 8, 3),  # WT103-big, T=1
-    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("decode", 16, 32, 256, 256, 8, 3),  # WT103-big, T=16
-    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("fused", 16, 64, 256, 128, 4, 3),  # WT103-big, T=256
-    ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4, "pass"),  # WT103-big, T=4096
-    ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # WT103-big, T=32768
-    ("experts", 412, 128, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # WT103-238M, T=1
-    ("experts", 412, 128, 128, 412, 4, 16): _experts("decode", 16, 32, 128, 128, 4, 3),  # WT103-238M, T=16
-    ("experts", 412, 128, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # WT103-238M, T=256
-    ("experts", 412, 128, 128, 412, 4, 4096): _experts("fused", 128, 128, 128, 64, 8, 2, "pass"),  # WT103-238M, T=4096
-    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # WT103-238M, T=32768
-    ("experts", 2048, 64, 256, 2048, 8, 1): _experts("decode", 16, 64, 256, 256, 8, 3),  # large, T=1
-    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("decode", 16, 64, 256, 256, 8, 3),  # large, T=16
-    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3),  # large, T=256
-    ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("fused", 128, 128, 64, 64, 8, 4, "pass"),  # large, T=4096
-    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("fused", 128, 128, 64, 64, 8, 4, "pass"),  # large, T=32768
+    ("experts", 412, 16, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # small 1
+    ("experts", 412, 16, 128, 412, 4, 16): _experts("decode", 16, 16, 128, 128, 4, 3),  # small 16
+    ("experts", 412, 16, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # small 256
+    ("experts", 412, 16, 128, 412, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 3, "pass"),  # small 4096
+    ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # small 32768
+    ("experts", 1024, 32, 128, 1024, 4, 1): _experts("decode", 16, 32, 256, 256, 8, 3),  # big 1
+    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("decode", 16, 32, 256, 256, 8, 3),  # big 16
+    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("fused", 16, 64, 256, 128, 4, 3),  # big 256
+    ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4),  # big 4096
+    ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # big 32768
+    ("experts", 412, 128, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # 238M 1
+    ("experts", 412, 128, 128, 412, 4, 16): _experts("decode", 16, 32, 128, 128, 4, 3),  # 238M 16
+    ("experts", 412, 128, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # 238M 256
+    ("experts", 412, 128, 128, 412, 4, 4096): _experts("split", 128, 128, 128, 64, 8, 2, "pass"),  # 238M 4096
+    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # 238M 32768
+    ("experts", 2048, 64, 256, 2048, 8, 1): _experts("decode", 16, 64, 256, 256, 8, 3),  # large 1
+    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("decode", 16, 64, 256, 256, 8, 3),  # large 16
+    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3),  # large 256
+    ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("split", 128, 128, 64, 64, 8, 4, "pass"),  # large 4096
+    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4, "pass"),  # large 32768
 }
 
 

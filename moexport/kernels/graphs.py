@@ -1,11 +1,17 @@
-"""CUDA-graph replays of the inference forward: repeated eager calls without their host work.
+"""CUDA-graph replays of the inference forward: repeated eager calls with less host work (opt-in).
 
 An eager call of `ops.sigma_moe_forward` costs tens of microseconds of host time (checks,
-allocations, two to five launches), more than its GPU time at small T. So a plain eager call with
-few tokens is served from a cached CUDA graph of the same launch sequence: the second call with a
-key captures it, and every call from then on copies x into the graph's static input, replays the
-graph on the caller's current stream and returns a copy of the static output, a fresh tensor, so
-the outputs of successive calls never alias (two small device copies: ~2 x 1-4 us at <= 4 MB).
+allocations, two to five launches). With `cuda_graph=True` (or MOEXPORT_CUDA_GRAPHS=1 for calls
+that leave it unset, e.g. through `SigmaMoE.forward`; then only for x <= `MAX_INPUT_BYTES`) a
+plain eager call is served from a cached CUDA graph of the same launch sequence: the second call
+with a key captures it, and every call from then on copies x into the graph's static input,
+replays the graph on the caller's current stream and returns a copy of the static output, a fresh
+tensor, so the outputs of successive calls never alias.
+
+Measured on the H200 (bench/results/kernels_notes.md, round 3): host time per call ~35 us instead
+of ~40-120 us, but 3-6 us more GPU time (the two copies and the graph launch). It pays in
+host-bound loops (many small calls back to back); where the host keeps ahead of the GPU, direct
+launches are faster. So it is not the default.
 
 The key is x's shape and dtype, the current stream (each stream its own buffers), the layer's
 plan and each weight's address, shape and dtype. The graph reads the weights by address, so
@@ -15,8 +21,7 @@ in a bounded LRU (`MAX_GRAPHS`); keys seen once, or evicted, are remembered in a
 
 Calls that launch directly instead: `skip_reason` says why (input larger than `MAX_INPUT_BYTES`
 unless asked for, autograd, non-contiguous weights, CPU tensors, inside an outer stream capture);
-torch.compile, export and dispatch modes never get here (`ops._plain_eager`). MOEXPORT_CUDA_GRAPHS=0
-turns the replays off for the process.
+torch.compile, export and dispatch modes never get here (`ops._plain_eager`).
 """
 from __future__ import annotations
 
@@ -105,9 +110,14 @@ def skip_reason(x: torch.Tensor, weights: Sequence[torch.Tensor | None], *, any_
         return "not a CUDA tensor"
     if torch.cuda.is_current_stream_capturing():
         return "inside a stream capture (the launches are captured by it)"
-    if _BROKEN or os.environ.get("MOEXPORT_CUDA_GRAPHS") == "0":
-        return "CUDA graphs turned off"
+    if _BROKEN:
+        return "CUDA graphs turned off (a capture failed)"
     return None
+
+
+def wanted() -> bool:
+    """Whether calls that do not say (cuda_graph=None) replay graphs: MOEXPORT_CUDA_GRAPHS=1."""
+    return os.environ.get("MOEXPORT_CUDA_GRAPHS") == "1"
 
 
 def replay(x: torch.Tensor, weights: Sequence[torch.Tensor | None], options: Hashable,

@@ -92,8 +92,8 @@ def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Ten
     Few tokens run the decode sequence (2 launches), more the dispatched one (3 to 5 launches; see
     `plan.sigma_moe_plan`); none synchronises with the host, so the call can be captured in a
     CUDA graph. Under torch.compile, torch.export or a dispatch mode it is the custom op
-    `moexport::sigma_moe`; a plain eager call skips the op's dispatcher and runs the same plan,
-    from a cached CUDA graph when it repeats a shape (`graphs`: the output is a fresh tensor).
+    `moexport::sigma_moe`; a plain eager call skips the op's dispatcher and launches the same plan
+    directly, or on request replays it from a cached CUDA graph (`graphs`; a fresh output tensor).
 
     Args:
         x: Tokens [..., d]; all tensors share its dtype and device.
@@ -102,8 +102,9 @@ def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Ten
         selection: 'sigmoid', 'softmax' or 'softmax_after_topk'. Defaults to 'sigmoid'.
         activation: 'relu', 'gelu' or 'silu'. Defaults to 'relu'.
         bias, o_bias: Hidden bias [E, G] and output bias [v_dim]. Defaults to none.
-        cuda_graph: Replay plain eager CUDA calls from a cached CUDA graph: None (default) for
-            inputs up to `graphs.MAX_INPUT_BYTES`, True at any size, False never (launch directly).
+        cuda_graph: Replay plain eager CUDA calls from a cached CUDA graph (less host time, a
+            little more GPU time): True at any size, False never. Defaults to never, or with
+            MOEXPORT_CUDA_GRAPHS=1 for inputs up to `graphs.MAX_INPUT_BYTES`.
     """
     flat = x.reshape(-1, x.shape[-1])
     selection, activation = selection or "sigmoid", activation or "relu"
@@ -113,7 +114,7 @@ def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Ten
     else:
         plan = _layer_plan(flat, expert_sel, keys, values, bias, k, selection, activation)
         y = None
-        if cuda_graph is not False:
+        if cuda_graph or (cuda_graph is None and graphs.wanted()):
             # the plan (hence the configs it was built with) is part of the key
             y = graphs.replay(flat, weights, id(plan), lambda xs: _run_layer(plan, xs, *weights),
                               any_size=bool(cuda_graph))

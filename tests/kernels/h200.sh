@@ -1,11 +1,11 @@
 #!/bin/bash
 # One H200 call: GPU tests of the kernels (real kernels for every CPU test too, CUDA-graph replays, the
-# AOT cubin path, cubins carried from the CPU machine), a sweep of experts configs, then the `kernels`
-# benchmark with the configs the sweep picked. Logs and results go to $OUT (7 files: the device tool
-# returns at most 8).
-# Usage (device run): bash tests/kernels/h200.sh [tune]
-#   default: the sequence sweep (fused / split, rounding inline / pass, shipped tiles) at T = 4096 and
-#            32768 (`--tune --sequences`), then the benchmark of every cell with its picks.
+# AOT cubin path, cubins carried from the CPU machine), optionally a sweep of experts configs, then the
+# `kernels` benchmark. Logs and results go to $OUT (at most 7 files: the device tool returns 8).
+# Usage (device run): bash tests/kernels/h200.sh [sweep|tune]
+#   default: the benchmark of every cell with the shipped configs.
+#   sweep:   first the sequence sweep (fused / split, rounding inline / pass, shipped tiles) at T = 4096
+#            and 32768 (`--tune --sequences`), then the benchmark with its picks.
 #   tune:    the tile sweep of every cell (`--tune`), no benchmark; Triton's cache left in
 #            $OUT/triton_cache.tgz.* (carry it as .carry/tcache next time).
 # Carried (ignored paths): .whl (onnx-graphsurgeon, which `import moexport` needs, and pytest-xdist +
@@ -20,13 +20,11 @@ ls .carry/tcache/* >/dev/null 2>&1 && cat .carry/tcache/* | tar xz -C $TRITON_CA
 LOG=$OUT/log.txt
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee $LOG
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a $LOG
-if [ "$1" = "tune" ]; then
-  SWEEP="--tune"
-else
-  SWEEP="--tune --sequences --tokens 4096 32768 --name kernels_sequences_h200"
-fi
+SWEEP=""
+[ "$1" = "tune" ] && SWEEP="--tune"
+[ "$1" = "sweep" ] && SWEEP="--tune --sequences --tokens 4096 32768 --name kernels_sequences_h200"
 # the sweep's and the benchmark's kernels compile (12 processes) while the tests run; the timing runs load them
-( timeout 240 python3 -m moexport.bench kernels $SWEEP --compile-only --jobs 12
+( [ -n "$SWEEP" ] && timeout 240 python3 -m moexport.bench kernels $SWEEP --compile-only --jobs 12
   [ "$1" = "tune" ] || timeout 120 python3 -m moexport.bench kernels --compile-only --jobs 12 ) >> $LOG 2>&1 &
 COMPILING=$!
 START=$SECONDS
@@ -35,9 +33,11 @@ timeout 170 python3 -m pytest -v $(python3 -c "import xdist" 2>/dev/null && prin
 echo "tests: $((SECONDS - START)) s" | tee -a $LOG
 wait $COMPILING
 echo "compile: $((SECONDS - START)) s" | tee -a $LOG
-timeout 150 python3 -m moexport.bench kernels $SWEEP -o $OUT > $OUT/sweep.log 2>&1
-grep -v "^{" $OUT/sweep.log | tail -12
-echo "sweep: $((SECONDS - START)) s" | tee -a $LOG
+if [ -n "$SWEEP" ]; then
+  timeout 150 python3 -m moexport.bench kernels $SWEEP -o $OUT > $OUT/sweep.log 2>&1
+  grep -v "^{" $OUT/sweep.log | tail -12
+  echo "sweep: $((SECONDS - START)) s" | tee -a $LOG
+fi
 if [ "$1" = "tune" ]; then
   tar czf - -C $TRITON_CACHE_DIR . | split -b 15M - $OUT/triton_cache.tgz. && ls -la $OUT
 else

@@ -45,6 +45,13 @@ def test_skip_reasons_name_the_cause():
     assert "contiguous" in skip_reason(x, [torch.randn(8, 3).t()])
 
 
+def test_replays_are_opt_in(monkeypatch):
+    monkeypatch.delenv("MOEXPORT_CUDA_GRAPHS", raising=False)
+    assert not graphs.wanted()
+    monkeypatch.setenv("MOEXPORT_CUDA_GRAPHS", "1")
+    assert graphs.wanted()
+
+
 def test_cpu_calls_are_not_replayed():
     calls = []
     out = graphs.replay(torch.randn(4, 8), [torch.randn(3, 8)], "options", calls.append)
@@ -63,11 +70,11 @@ def _layer(**options):
     return SigmaMoE(1024, 32, 128, 4, **options).to("cuda", torch.bfloat16).eval()
 
 
-def _infer(layer, x, **options):
+def _infer(layer, x, cuda_graph=True):
     from moexport.kernels import sigma_moe_forward
 
     return sigma_moe_forward(x, layer.expert_sel, layer.keys, layer.values, k=layer.k, bias=layer.bias,
-                             o_bias=layer.o_bias, **options)
+                             o_bias=layer.o_bias, cuda_graph=cuda_graph)
 
 
 def _close(y, ref, what):
@@ -81,6 +88,8 @@ def test_replays_match_direct_launches_and_never_alias(n_tokens):
     with torch.no_grad():
         xs = [torch.randn(2, n_tokens, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         ys = [_infer(layer, x) for x in xs]  # call 1 direct, call 2 captures, calls 3-4 replay
+        assert graphs.cached() == 1
+        _infer(layer, xs[0], cuda_graph=None)  # the default: direct launches, nothing new cached
         assert graphs.cached() == 1
         for i, (x, y) in enumerate(zip(xs, ys)):
             assert y.shape == (2, n_tokens, 1024)
