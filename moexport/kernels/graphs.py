@@ -8,8 +8,8 @@ with a key captures it, and every call from then on copies x into the graph's st
 replays the graph on the caller's current stream and returns a copy of the static output, a fresh
 tensor, so the outputs of successive calls never alias.
 
-Measured on the H200 (bench/results/kernels_notes.md, round 3): host time per call ~35 us instead
-of ~40-120 us, but 3-6 us more GPU time (the two copies and the graph launch). It pays in
+Measured on the H200 (bench/results/kernels_notes.md, round 3): host time per call 32-62 us instead
+of 42-128 us, but 3-6 us more GPU time (the two copies and the graph launch). It pays in
 host-bound loops (many small calls back to back); where the host keeps ahead of the GPU, direct
 launches are faster. So it is not the default.
 
