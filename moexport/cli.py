@@ -18,7 +18,8 @@ from rich.console import Console
 from moexport.core.errors import MoexportError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
-console = Console(stderr=True)
+# Tables are wider than 80 columns; a log file or pipe has no width of its own, so give it room.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
 
 # name -> (function, add_arguments)
 SUBCOMMANDS: dict[str, tuple] = {}
@@ -69,7 +70,7 @@ def cmd_inspect(args):
     """
     from moexport.checkpoints import describe, describe_table
 
-    Console().print(describe_table(describe(args.checkpoint, k=args.k)))
+    Console(width=None if sys.stdout.isatty() else 132).print(describe_table(describe(args.checkpoint, k=args.k)))
 
 
 def _export_args(p):
@@ -200,7 +201,7 @@ def cmd_validate(args):
     report = validate(args.artifact, args.checkpoint, runners=args.runners, dtype=args.dtype, shapes=args.shapes,
                       seed=args.seed, iterations=args.iterations, atol=args.atol, rtol=args.rtol,
                       use_text=args.use_text, report_dir=args.save_report, verbose=args.verbose)
-    report.print(Console(stderr=True))
+    report.print(console)
     return EXIT_OK if report else EXIT_FAILED
 
 
@@ -214,7 +215,7 @@ def cmd_demo(args):
     """
     from moexport.demo import run_demo
 
-    rows = run_demo(args.checkpoint, output_dir=args.output, console=Console(stderr=True))
+    rows = run_demo(args.checkpoint, output_dir=args.output, console=console)
     return EXIT_FAILED if any(r.failed for r in rows) else EXIT_OK
 
 
