@@ -5,6 +5,7 @@ Comparator drives them all with identical inputs.
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -51,7 +52,8 @@ class TorchRunner(BaseRunner):
         model: The PyTorch model.
         input_metadata: Input names, dtypes and shapes (those of the artifact under test).
         output_names: Outputs to produce, named as the artifact names them.
-        dtype: Dtype to run the model in. Defaults to "float32".
+        dtype: Dtype to run the model in (a converted copy where the model's differs: the model
+            itself keeps its dtype, weights and training mode). Defaults to "float32".
         name: Runner name. Defaults to "pytorch".
     """
 
@@ -62,10 +64,14 @@ class TorchRunner(BaseRunner):
         self.dtype = torch_dtype(dtype or "float32")
 
     def activate_impl(self):
-        self.model = self.model.eval().to(self.dtype)
+        self._was_training = self.model.training
+        self._model = self.model.eval()
+        if any(p.dtype != self.dtype for p in self._model.parameters()):
+            # Convert a copy: `.to()` converts in place and would round the caller's weights for good.
+            self._model = copy.deepcopy(self._model).to(self.dtype)
         self._routing: dict[str, torch.Tensor] = {}
         self._hooks = [layer.register_forward_pre_hook(self._record_routing(path))
-                       for path, layer in sigma_moe_layers(self.model).items()]
+                       for path, layer in sigma_moe_layers(self._model).items()]
 
     def _record_routing(self, path: str):
         def hook(layer: SigmaMoE, args):
@@ -102,18 +108,19 @@ class TorchRunner(BaseRunner):
             memory_names = sorted((n for n in inputs if n.startswith("memory.")), key=lambda n: int(n.split(".")[1]))
             memory = [inputs[n].to(self.dtype) for n in memory_names] or None
             if any(n.startswith("new_memory.") for n in self.output_names):
-                logits, new_memory = self.model(inputs["input_ids"], memory=memory, return_memory=True)
+                logits, new_memory = self._model(inputs["input_ids"], memory=memory, return_memory=True)
                 outputs = {f"new_memory.{i}": m for i, m in enumerate(new_memory)}
             else:
-                logits, outputs = self.model(inputs["input_ids"], memory=memory), {}
+                logits, outputs = self._model(inputs["input_ids"], memory=memory), {}
             outputs[main[0] if main else "logits"] = logits
             return outputs
         (value,) = inputs.values()
-        return {main[0] if main else "y": self.model(value.to(self.dtype))}
+        return {main[0] if main else "y": self._model(value.to(self.dtype))}
 
     def deactivate_impl(self):
         for hook in self._hooks:
             hook.remove()
+        self.model.train(self._was_training)
 
 
 def onnxrt_runner(path: str | Path, *, providers: list[str] | None = None, name: str | None = None) -> OnnxrtRunner:
