@@ -59,10 +59,11 @@ TUNED: dict[tuple, dict[str, Any]] = {
 
 def bucket(n_tokens: int) -> int:
     """The power of two at or above n_tokens: the key of the config tables."""
-    return 1 << max(0, int(n_tokens) - 1).bit_length()
+    return pow2(n_tokens, floor=1)
 
 
 def pow2(n: int, floor: int = 16) -> int:
+    """The power of two at or above n, and at least `floor` (a tile length)."""
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
