@@ -18,7 +18,7 @@ from polygraphy.common import TensorMetadata
 
 from moexport.core.dtypes import torch_dtype
 from moexport.core.errors import MoexportError
-from moexport.models import SigmaMoE
+from moexport.models import SigmaMoE, route
 
 EXPERTS_PREFIX = "experts"  # routing outputs: "experts" (single layer) or "experts.<module path>"
 GAP_PREFIX = "router_gap"  # PyTorch-only companion output: relative top-k margin of each token
@@ -76,7 +76,7 @@ class TorchRunner(BaseRunner):
     def _record_routing(self, path: str):
         def hook(layer: SigmaMoE, args):
             logits = layer.router_logits(args[0])
-            _, expert = layer.route(args[0])
+            _, expert = route(logits, layer.k, layer.selection)
             self._routing[routing_name(EXPERTS_PREFIX, path)] = expert
             self._routing[routing_name(GAP_PREFIX, path)] = topk_margin(logits, layer.k)
 
