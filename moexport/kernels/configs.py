@@ -67,7 +67,7 @@ def pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
-def default_config(role: str, d_in: int, d_out: int, n_bucket: int, rows_per_expert: int) -> dict[str, int]:
+def default_config(role: str, d_out: int, n_bucket: int, rows_per_expert: int) -> dict[str, int]:
     """A reasonable config when no tuned one exists (roles: 'up', 'down', 'wgrad', 'route')."""
     if role == "route":
         if n_bucket <= 1024:
@@ -92,7 +92,7 @@ def tile_config(role: str, d_in: int, d_out: int, n_tokens: int, *, rows_per_exp
     key = (role, d_in, d_out, bucket(n_tokens))
     if key in TUNED:
         return dict(TUNED[key])
-    return default_config(role, d_in, d_out, bucket(n_tokens), rows_per_expert)
+    return default_config(role, d_out, bucket(n_tokens), rows_per_expert)
 
 
 def _pow2_below(x: float) -> int:
