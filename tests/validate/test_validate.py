@@ -145,7 +145,7 @@ def test_bad_input_is_one_clear_error(lm, lm_dispatch, tmp_path):
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # never a silent CPU fallback
-        with pytest.raises(MoexportError, match="runner 'onnxrt-cuda' | needs ONNX Runtime's CUDA"):
+        with pytest.raises(MoexportError, match=r"runner 'onnxrt-cuda' \| needs ONNX Runtime's CUDA"):
             validate(lm_dispatch, lm, runners=["onnxrt-cuda"])
     with pytest.raises(MoexportError, match="--shapes tokens"):
         validate(lm_dispatch, lm, shapes="tokens:[1,8]")
