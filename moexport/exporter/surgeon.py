@@ -313,10 +313,10 @@ def _fuse_layers(graph: gs.Graph, form: str, opset: int, report: FuseReport) -> 
             report.miss(dispatch, found)
             continue
         match, config, outputs = found
-        params = {n: np.asarray(match.bound[n].values) if n in match.bound else None for n in FORM_INPUTS[form][1:]}
-        if not all(isinstance(match.bound[n], gs.Constant) for n in params if n in match.bound):
+        if not all(isinstance(match.bound[n], gs.Constant) for n in FORM_INPUTS[form][1:] if n in match.bound):
             report.miss(dispatch, _Miss(len(match.nodes), "the layer's weights are not all constants"))
             continue
+        params = {n: np.asarray(match.bound[n].values) if n in match.bound else None for n in FORM_INPUTS[form][1:]}
         fused = sigma_moe_parameters(form, params, config["n_experts"])
         prefix = match.bound["keys" if form == "dispatch" else "w1"].name.rsplit(".", 1)[0]
         dropped = _dropped(match)

@@ -121,6 +121,18 @@ def test_a_layer_whose_intermediate_is_used_elsewhere_is_not_fused(tmp_path):
     assert any("also used outside the layer" in miss for miss in report.misses)
 
 
+def test_a_layer_whose_weights_are_graph_inputs_is_not_fused(tmp_path):
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch")
+    model = onnx.load(source)
+    values = next(t for t in model.graph.initializer if t.name == "values")
+    model.graph.initializer.remove(values)
+    model.graph.input.append(helper.make_tensor_value_info(values.name, values.data_type, values.dims))
+    onnx.save(model, tmp_path / "fed.onnx")
+    report = moexport.fuse(tmp_path / "fed.onnx", tmp_path / "out.onnx")
+    assert not report.changed
+    assert any("weights are not all constants" in miss for miss in report.misses)
+
+
 def test_a_changed_constant_is_the_nearest_miss(tmp_path):
     source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch")
     model = onnx.load(source)
