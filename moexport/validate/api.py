@@ -16,8 +16,8 @@ from polygraphy.logger import G_LOGGER
 
 from moexport.core.dtypes import Tolerance, dtype_name, tolerance_for
 from moexport.core.errors import MoexportError
-from moexport.validate.compare import compare_numeric, compare_routing
 from moexport.core.shapes import parse_shapes
+from moexport.validate.compare import compare_numeric, compare_routing
 from moexport.validate.inputs import concrete_metadata, make_inputs
 from moexport.validate.report import ValidationReport
 from moexport.validate.runners import (EXPERTS_PREFIX, TorchRunner, onnxrt_runner, routing_name, sigma_moe_layers,
@@ -66,6 +66,7 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
     if not artifact.is_file():
         raise MoexportError(str(artifact), "does not exist")
     model, reference = _reference_model(checkpoint)
+    routing_names = {routing_name(EXPERTS_PREFIX, path) for path in sigma_moe_layers(model)}
     is_engine = artifact.suffix in ENGINE_SUFFIXES
     runners = runners or (["trt"] if is_engine else _default_onnx_runners())
     for name in runners:
@@ -75,7 +76,7 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
         if is_engine:
             onnx_path, metadata, outputs, recorded_dtype = artifact, None, None, None
         else:
-            onnx_path, metadata, outputs, recorded_dtype = _prepare_onnx(artifact, _routing_names(model), stack)
+            onnx_path, metadata, outputs, recorded_dtype = _prepare_onnx(artifact, routing_names, stack)
         dtype = dtype_name(dtype or recorded_dtype or "float32")
         tolerance = tolerance_for(dtype)
         tolerance = Tolerance(rtol=tolerance.rtol if rtol is None else rtol,
@@ -97,7 +98,7 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
         inputs=[f"{iterations} x random (seed {seed})"] + (["text sample"] if len(feeds) > iterations else []),
         outputs=numeric, routing=routing,
         latency_ms={name: 1e3 * statistics.median(it.runtime for it in iters) for name, iters in results})
-    if _routing_names(model) and not _routing_names(model) & set(outputs or []):
+    if routing_names and not routing_names & set(outputs or []):
         report.notes.append("the artifact exposes no expert indices, so routing agreement was not checked; "
                             "export with routing outputs (moexport export --routing-outputs)")
     if report_dir is not None:
@@ -114,9 +115,13 @@ def _reference_model(checkpoint) -> tuple[torch.nn.Module, str]:
 
 
 def _default_onnx_runners() -> list[str]:
+    return ["onnxrt"] + (["onnxrt-cuda"] if _ort_has_cuda() else [])
+
+
+def _ort_has_cuda() -> bool:
     import onnxruntime
 
-    return ["onnxrt"] + (["onnxrt-cuda"] if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else [])
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def _make_runner(name: str, path: Path):
@@ -124,16 +129,10 @@ def _make_runner(name: str, path: Path):
         return trt_runner(path)
     if name == "onnxrt":
         return onnxrt_runner(path)
-    import onnxruntime
-
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+    if not _ort_has_cuda():
         raise MoexportError(f"runner {name!r}", "needs ONNX Runtime's CUDA execution provider, which is not installed",
                             "install onnxruntime-gpu (pip install 'moexport[gpu]') on a machine with a CUDA GPU")
     return onnxrt_runner(path, providers=["CUDAExecutionProvider"])
-
-
-def _routing_names(model: torch.nn.Module) -> set[str]:
-    return {routing_name(EXPERTS_PREFIX, path) for path in sigma_moe_layers(model)}
 
 
 def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitStack):
