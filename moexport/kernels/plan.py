@@ -167,21 +167,34 @@ def _tile_m(s: MoEShape, n: int) -> int:
     return tile_config("up", s.d, s.expert_size, n, rows_per_expert=n * s.k // s.n_experts)["BLOCK_M"]
 
 
-def _expert_steps(s: MoEShape, n: int, tile_m: int, *,
-                  keep_pre: bool) -> tuple[tuple[Step, ...], tuple[Buffer, ...]]:
-    """Up projection (gathered token rows -> h in sorted order) and down projection into float32 y."""
+def _up_down_steps(s: MoEShape, n: int, tile_m: int, *, out: str, keep_pre: bool = False,
+                   count: str | None = None, o_bias: str | None = None, y: str | None = None) -> tuple[Step, Step]:
+    """The split sequence's two CVMM launches: up projection (gathered token rows -> h in sorted
+    order, with keep_pre also the float32 pre-activation), and down projection, gate-weighted and
+    added in float32 into the token rows of `out`; with `y`, each row's last contributor (counted
+    in `count`) rounds it into y."""
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
     rows = n * s.k // E
     up = _cvmm_step(x="x", w="keys", out="h", e=E, k_in=d, n_out=G, w_strides=(d * G, G, 1),
                     cfg=tile_config("up", d, G, n, rows_per_expert=rows), tile_m=tile_m, src="sorted_slot",
                     src_div=s.k, bias="bias" if s.bias else None, pre_out="pre" if keep_pre else None,
                     activation=s.activation)
+    down = _cvmm_step(x="h", w="values", out=out, e=E, k_in=G, n_out=dv, w_strides=(G * dv, dv, 1),
+                      cfg=tile_config("down", G, dv, n, rows_per_expert=rows), tile_m=tile_m,
+                      dst="sorted_slot", dst_div=s.k, gate="gate", gate_by_dst=True, epilogue=1,
+                      count=count, o_bias=o_bias, y=y)
+    return up, down
+
+
+def _expert_steps(s: MoEShape, n: int, tile_m: int, *,
+                  keep_pre: bool) -> tuple[tuple[Step, ...], tuple[Buffer, ...]]:
+    """Up projection (gathered token rows -> h in sorted order) and down projection into float32 y."""
+    G, dv = s.expert_size, s.v_dim
     # float32 without output bias: the accumulator is y itself (zero-filled), no finalize pass
     direct = s.dtype == "float32" and not s.bias
-    down = _cvmm_step(x="h", w="values", out="y" if direct else "acc", e=E, k_in=G, n_out=dv,
-                      w_strides=(G * dv, dv, 1), cfg=tile_config("down", G, dv, n, rows_per_expert=rows),
-                      tile_m=tile_m, dst="sorted_slot", dst_div=s.k, gate="gate", gate_by_dst=True, epilogue=1)
-    steps = (up, down) if direct else (up, down, _finalize_step("acc", "o_bias" if s.bias else None, "y", dv))
+    steps = _up_down_steps(s, n, tile_m, out="y" if direct else "acc", keep_pre=keep_pre)
+    if not direct:
+        steps += (_finalize_step("acc", "o_bias" if s.bias else None, "y", dv),)
     workspace = (Buffer("h", s.dtype, ("S", str(G))),)
     if keep_pre:
         workspace += (Buffer("pre", "float32", ("S", str(G))),)
@@ -252,15 +265,8 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
         if mode == "fused":
             steps += (_experts_step(s, cfg, dispatched=True, **out),)
         else:
-            rows = n * s.k // E
-            up = _cvmm_step(x="x", w="keys", out="h", e=E, k_in=d, n_out=G, w_strides=(d * G, G, 1),
-                            cfg=tile_config("up", d, G, n, rows_per_expert=rows), tile_m=tile_m, src="sorted_slot",
-                            src_div=s.k, bias="bias" if s.bias else None, activation=s.activation)
-            down = _cvmm_step(x="h", w="values", out=out["acc"], e=E, k_in=G, n_out=dv, w_strides=(G * dv, dv, 1),
-                              cfg=tile_config("down", G, dv, n, rows_per_expert=rows), tile_m=tile_m,
-                              dst="sorted_slot", dst_div=s.k, gate="gate", gate_by_dst=True, epilogue=1,
-                              count=out["count"], o_bias="o_bias" if s.bias and inline else None, y=out["y"])
-            steps += (up, down)
+            steps += _up_down_steps(s, n, tile_m, out=out["acc"], count=out["count"],
+                                    o_bias="o_bias" if s.bias and inline else None, y=out["y"])
             workspace += (Buffer("h", s.dtype, ("S", str(G))),)
     if not direct and not inline:
         steps += (_finalize_step("acc", "o_bias" if s.bias else None, "y", dv),)
