@@ -21,7 +21,6 @@ from rich.console import Console
 from rich.table import Table
 
 from moexport.checkpoints import load_checkpoint
-from moexport.core.errors import MoexportError
 from moexport.core.progress import progress
 from moexport.exporter import export_onnx, fuse
 from moexport.models import TransformerLM

@@ -16,9 +16,6 @@ from moexport.checkpoints.tensors import load_into
 from moexport.core.errors import MoexportError
 from moexport.models.sigma_moe import SigmaMoE
 
-LAYER_TENSORS = ("keys", "values", "expert_sel")
-
-
 def is_sigma_moe_state(content: Any) -> bool:
     return (isinstance(content, Mapping) and "keys" in content and "values" in content
             and ("expert_sel" in content or "expert_sel.weight" in content))

@@ -1,7 +1,6 @@
 """Hidden activations supported by every implementation (PyTorch, Triton, ONNX, TensorRT)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from moexport.core.errors import MoexportError
@@ -18,7 +17,3 @@ def activation_fn(name: str):
     if name not in ACTIVATIONS:
         raise MoexportError(f"activation={name!r}", "is not supported", f"use one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
-
-
-def apply_activation(name: str, x: torch.Tensor) -> torch.Tensor:
-    return activation_fn(name)(x)

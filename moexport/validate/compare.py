@@ -7,7 +7,6 @@ reference's top-k margin (a near-tie) or counted as a failure.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -151,7 +150,3 @@ def _pairs(run_results, reference: str) -> list[tuple[int, int]]:
     names = [name for name, _ in run_results]
     ref = names.index(reference)
     return [(ref, i) for i in range(len(names)) if i != ref]
-
-
-def as_rows(results) -> list[OrderedDict]:
-    return [OrderedDict(vars(r)) for r in results]
