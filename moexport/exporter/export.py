@@ -258,6 +258,21 @@ def _first_line(error: Exception) -> str:
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file (its external data too unless `load_external_data` is False).
+
+    Raises:
+        MoexportError: The file does not exist or is not a readable ONNX model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MoexportError(str(path), "does not exist", "give the path of an .onnx file")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as error:  # protobuf and IO errors of a corrupt file
+        raise MoexportError(str(path), f"is not a readable ONNX model ({error})") from None
+
+
 def save_model(model: onnx.ModelProto, path: Path, *, check: bool = True) -> None:
     """Write `model` atomically (checked by onnx.checker unless `check` is False); weights go to
     `<name>.data` when it is over 2 GB."""

@@ -36,7 +36,7 @@ from onnx import helper
 
 from moexport.core.errors import MoexportError
 from moexport.exporter import bodies
-from moexport.exporter.export import save_model
+from moexport.exporter.export import load_model, save_model
 from moexport.exporter.functions import (FORM_INPUTS, attach_functions, build_function,
                                          default_opset, form_function, sigma_moe_parameters)
 from moexport.exporter.opset import DOMAIN, PLUGIN_ATTRIBUTES, VERSION, check_opset_imports
@@ -424,12 +424,7 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
     if unknown:
         raise MoexportError(f"passes {sorted(unknown)}", "are not fusion passes", f"use some of {', '.join(PASSES)}")
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise MoexportError(str(src), "does not exist")
-    try:
-        model = onnx.load(str(src))
-    except Exception as error:  # protobuf/IO errors of a corrupt file
-        raise MoexportError(str(src), f"is not a readable ONNX model ({error})") from None
+    model = load_model(src)
     check_opset_imports(model, str(src))
     try:
         onnx.checker.check_model(str(src))

@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from moexport.core.errors import MoexportError
+from moexport.exporter.export import load_model
 from moexport.exporter.functions import attach_functions
 from moexport.exporter.opset import DOMAIN, check_opset_imports
 from moexport.plugins.reference import REFERENCE_OPS
@@ -24,13 +25,7 @@ _TWO_GB = 2**31
 def _load(model: str | os.PathLike | onnx.ModelProto, *, load_external_data: bool) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         return model, "the model"
-    path = Path(model)
-    if not path.is_file():
-        raise MoexportError(str(path), "does not exist", "give the path of an .onnx file")
-    try:
-        return onnx.load(str(path), load_external_data=load_external_data), str(path)
-    except Exception as error:  # protobuf and IO errors of a corrupt file
-        raise MoexportError(str(path), f"is not a readable ONNX model ({error})") from None
+    return load_model(model, load_external_data=load_external_data), str(Path(model))
 
 
 def _needs_functions(model: onnx.ModelProto) -> bool:
