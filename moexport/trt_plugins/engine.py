@@ -19,6 +19,7 @@ import onnx
 from moexport.core.dtypes import dtype_name
 from moexport.core.errors import MoexportError
 from moexport.core.progress import progress
+from moexport.exporter.export import load_model
 
 # input name -> one static shape, or (min, opt, max) shapes
 Shapes = dict[str, tuple[int, ...] | tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
@@ -53,10 +54,19 @@ def load_plugins() -> list[str]:
     return []
 
 
+def _bounds(name: str, value) -> tuple[tuple[int, ...], ...]:
+    """(min, opt, max) of one input from its `shapes` entry: one shape stands for all three."""
+    if isinstance(value, (tuple, list)) and all(isinstance(d, int) for d in value):
+        return (tuple(value),) * 3
+    if isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(b, (tuple, list)) for b in value):
+        return tuple(tuple(b) for b in value)
+    raise MoexportError(f"shapes[{name!r}] = {value!r}", "is neither one shape nor (min, opt, max) shapes",
+                        "give a full shape such as (1, 8, 16), or three of them")
+
+
 def _profile_shapes(model: onnx.ModelProto, shapes: Shapes | None) -> Shapes:
     """(min, opt, max) per graph input: given ones checked, static inputs filled in."""
-    shapes = {name: (tuple(s),) * 3 if all(isinstance(d, int) for d in s) else tuple(tuple(b) for b in s)
-              for name, s in (shapes or {}).items()}
+    shapes = {name: _bounds(name, value) for name, value in (shapes or {}).items()}
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     unknown = set(shapes) - {i.name for i in inputs}
@@ -106,7 +116,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if trt is None:
         raise MoexportError("TensorRT", "is not installed",
                             "install TensorRT >= 10, or `pip install tensorrt-rtx` to build engines without a GPU")
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_model(onnx_path, load_external_data=False)
     profile_shapes = _profile_shapes(model, shapes)
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)

@@ -47,3 +47,15 @@ def test_dynamic_input_needs_shapes(tmp_path, layer_file):
 def test_shapes_must_fit_the_input(tmp_path, layer_file):
     with pytest.raises(MoexportError, match=r"do not fit the input's dims"):
         build_engine(layer_file, tmp_path / "layer.engine", shapes={"x": ((1, 16), (1, 16), (1, 16))})
+
+
+@pytest.mark.parametrize("value", [((1, 1, 16), (2, 8, 16)), 16])
+def test_shapes_must_be_one_shape_or_three(tmp_path, layer_file, value):
+    with pytest.raises(MoexportError, match=r"shapes\['x'\] = .* \| is neither one shape nor"):
+        build_engine(layer_file, tmp_path / "layer.engine", shapes={"x": value})
+
+
+def test_unreadable_onnx_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(MoexportError, match=r"bad.onnx \| is not a readable ONNX model"):
+        build_engine(tmp_path / "bad.onnx", tmp_path / "bad.engine")
