@@ -14,7 +14,7 @@ from polygraphy.comparator import Comparator
 from polygraphy.comparator.compare import SimpleCompareFunc
 
 from moexport.core.dtypes import Tolerance
-from moexport.validate.runners import EXPERTS_PREFIX, GAP_PREFIX
+from moexport.validate.runners import EXPERTS_PREFIX, GAP_PREFIX, routing_name
 
 MAX_EXAMPLES = 5  # disagreeing tokens listed per layer in the report
 
@@ -119,7 +119,7 @@ def compare_routing(run_results, *, tolerance: Tolerance, reference: str) -> lis
                     continue
                 layer = name[len(EXPERTS_PREFIX) + 1:]
                 result = results.setdefault((runner, layer), RoutingResult(runner, layer, 0, 0, 0, tolerance.tie))
-                gap = ref[GAP_PREFIX + name[len(EXPERTS_PREFIX):]]
+                gap = ref[routing_name(GAP_PREFIX, layer)]
                 diverged = _accumulate(result, ref[name], other[name], gap, diverged, iteration)
     return list(results.values())
 

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from moexport import MoexportError, export_onnx, save_checkpoint
 from moexport.validate import validate
-from moexport.models import TransformerLM
+from moexport.models import SigmaMoE, TransformerLM
 
 
 N_EXPERTS, TIED = 8, (1, 5)  # experts 1 and 5 get identical router rows: every token ties between them
@@ -132,6 +132,15 @@ def test_portable_export_passes(lm, tmp_path):
     path = export_onnx(lm, tmp_path / "lm.portable.onnx", mode="portable", routing_outputs=True)
     report = validate(path, lm, shapes="input_ids:[1,32]", iterations=1)
     assert report.passed and report.routing and all(r.agreement == 1.0 for r in report.routing)
+
+
+def test_a_single_layer_is_checked_with_its_routing(tmp_path):
+    torch.manual_seed(0)
+    layer = SigmaMoE(32, 8, 16, 2).eval()
+    path = export_onnx(layer, tmp_path / "layer.onnx", routing_outputs=True)
+    report = validate(path, layer, iterations=1)
+    assert report.passed and {o.output for o in report.outputs} == {"y"}
+    assert [(r.layer, r.tokens, r.agreement) for r in report.routing] == [("", 2 * 64, 1.0)]
 
 
 def test_bad_input_is_one_clear_error(lm, lm_dispatch, tmp_path):
