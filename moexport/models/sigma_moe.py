@@ -140,18 +140,17 @@ class SigmaMoE(ConfigModule):
         """The PyTorch reference every other implementation is compared against."""
         flat = x.reshape(-1, self.d_model)
         logits = self.router_logits(flat)
+        self.remember_logits(logits)
         drop_mask = None
-        if self.training:
-            self._last_logits = logits
-            if self.expert_dropout > 0:
-                drop_mask = torch.rand_like(logits) < self.expert_dropout
+        if self.training and self.expert_dropout > 0:
+            drop_mask = torch.rand_like(logits) < self.expert_dropout
         gate, expert = route(logits, self.k, self.selection, drop_mask=drop_mask)
         y = expert_mix(flat, gate, expert, self.keys, self.values, bias=self.bias, o_bias=self.o_bias,
                        activation=self.activation, hidden_dropout=self.dropout if self.training else 0.0)
         return y.reshape(*x.shape[:-1], self.v_dim)
 
     def remember_logits(self, logits: torch.Tensor) -> None:
-        """Keep a training forward's router logits for `entropy_regularizer` (used by fast paths too)."""
+        """Keep a training forward's router logits for `entropy_regularizer` (every forward path calls it)."""
         if self.training:
             self._last_logits = logits
 
