@@ -221,7 +221,7 @@ def _trace(model: nn.Module, *, mode: str, dtype: torch.dtype, opset: int, dynam
     except MoexportError:
         raise
     except Exception as error:  # torch.export / onnx translation failures carry long internal traces
-        raise MoexportError(f"model ({type(model).__name__})", f"could not be traced to ONNX: {_first_line(error)}",
+        raise MoexportError(f"model ({type(model).__name__})", f"could not be traced to ONNX: {first_line(error)}",
                             "run with -v for the full trace") from error
     finally:
         work.train(was_training)
@@ -254,7 +254,8 @@ def _quiet():
         registry.setLevel(level)
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """The first non-blank line of an error's message (its type name when there is none)."""
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
@@ -286,7 +287,7 @@ def save_model(model: onnx.ModelProto, path: Path, *, check: bool = True) -> Non
             if check:
                 onnx.checker.check_model(str(temporary), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-            raise InternalError(f"{path}: the exported graph fails onnx.checker: {_first_line(error)}") from None
+            raise InternalError(f"{path}: the exported graph fails onnx.checker: {first_line(error)}") from None
         if external:
             os.replace(Path(folder) / data_name, path.parent / data_name)
         os.replace(temporary, path)

@@ -193,7 +193,8 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 FORMS = ("dispatch", "portable")
 
 
-def _unique(name: str, taken: set[str]) -> str:
+def unique_name(name: str, taken: set[str]) -> str:
+    """`name`, or the first of name_1, name_2, ... not in `taken`; the choice is added to `taken`."""
     candidate, index = name, 1
     while candidate in taken:
         candidate, index = f"{name}_{index}", index + 1
@@ -283,7 +284,7 @@ def lower(model: onnx.ModelProto, form: str, *, advance=None) -> onnx.ModelProto
             if names.get(name) and uses[names[name]] == 1:  # replaced in place: the old layout goes
                 graph.initializer.remove(inits.pop(names[name]))
                 taken.discard(names[name])
-            new_inputs.append(_unique(prefix + name, taken))
+            new_inputs.append(unique_name(prefix + name, taken))
             graph.initializer.append(numpy_helper.from_array(array, new_inputs[-1]))
         while new_inputs[-1] == "":
             new_inputs.pop()

@@ -36,9 +36,9 @@ from onnx import helper
 
 from moexport.core.errors import MoexportError
 from moexport.exporter import bodies
-from moexport.exporter.export import load_model, save_model
+from moexport.exporter.export import first_line, load_model, save_model
 from moexport.exporter.functions import (FORM_INPUTS, attach_functions, build_function,
-                                         default_opset, form_function, sigma_moe_parameters)
+                                         default_opset, form_function, sigma_moe_parameters, unique_name)
 from moexport.exporter.opset import DOMAIN, PLUGIN_ATTRIBUTES, VERSION, check_opset_imports
 from moexport.models.activations import ACTIVATIONS
 from moexport.models.routing import SELECTIONS
@@ -267,7 +267,7 @@ def _replace(graph: gs.Graph, match: _Match, op: str, inputs: list, outputs: lis
     for node in match.nodes.values():
         node.outputs.clear()
     taken = {n.name for n in graph.nodes}
-    graph.nodes.append(gs.Node(op=op, name=_unique(name, taken), domain=DOMAIN, inputs=inputs, outputs=outputs,
+    graph.nodes.append(gs.Node(op=op, name=unique_name(name, taken), domain=DOMAIN, inputs=inputs, outputs=outputs,
                                attrs=attrs))
 
 
@@ -351,11 +351,7 @@ def _parameter(value, original, tensor, name: str, taken) -> gs.Tensor:
         return gs.Variable.empty()
     if value is original:
         return tensor
-    return gs.Constant(_unique(name, taken), value)
-
-
-def _unique(name: str, taken) -> str:
-    return next(c for c in itertools.chain([name], (f"{name}_{i}" for i in itertools.count(1))) if c not in taken)
+    return gs.Constant(unique_name(name, taken), value)
 
 
 def _expert_weights(dispatch: gs.Node, router: gs.Node, form: str, n_experts: int):
@@ -429,7 +425,7 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
     try:
         onnx.checker.check_model(str(src))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise MoexportError(str(src), f"is not a valid ONNX model: {str(error).splitlines()[0]}") from None
+        raise MoexportError(str(src), f"is not a valid ONNX model: {first_line(error)}") from None
     report = FuseReport()
     graph, opset = gs.import_onnx(model), default_opset(model)
     before = len(graph.nodes)
