@@ -39,6 +39,9 @@ def _shape(x, expert_sel, keys, values, bias, k, selection, activation) -> plans
                             "expected x [N, d], expert_sel [E, d], keys [E, d, G], values [E, G, v_dim]")
     if not 1 <= k <= E:
         raise MoexportError(f"k={k}", f"must be between 1 and n_experts={E}")
+    if activation not in plans.ACTIVATION_CODES:
+        raise MoexportError(f"activation={activation!r}", "is not supported by the kernels",
+                            f"use one of {', '.join(plans.ACTIVATION_CODES)}")
     return plans.MoEShape(d, E, G, values.shape[-1], k, dtype_name(x.dtype), selection, activation, bias is not None)
 
 
@@ -105,6 +108,13 @@ def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Ten
         cuda_graph: Replay plain eager CUDA calls from a cached CUDA graph (less host time, a
             little more GPU time): True at any size, False never. Defaults to never, or with
             MOEXPORT_CUDA_GRAPHS=1 for inputs up to `graphs.MAX_INPUT_BYTES`.
+
+    Returns:
+        y [..., v_dim] in x's dtype.
+
+    Raises:
+        MoexportError: tensors whose shapes or dtypes do not fit together, k outside
+            [1, n_experts], an unknown selection or activation.
     """
     flat = x.reshape(-1, x.shape[-1])
     selection, activation = selection or "sigmoid", activation or "relu"

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from moexport import MoexportError
 from moexport.core import accel, tolerance_for
 from moexport.kernels import sigma_moe_forward
 from moexport.kernels.ops import sigma_moe_train
@@ -98,6 +99,24 @@ def test_training_under_bf16_autocast_routes_on_float32_logits(device):
         y = sigma_moe_train(layer, x)
     assert layer._last_logits.dtype == torch.float32
     assert_close(y, layer.reference_forward(x), torch.float32, "y under autocast")
+
+
+def test_bad_layer_inputs_get_one_clear_error():
+    layer = make_layer()
+    x = torch.randn(5, 24)
+
+    def call(x=x, k=2, **options):
+        sigma_moe_forward(x, layer.expert_sel, layer.keys, layer.values, k=k, **options)
+
+    # named by the shape check, or by the plan's once a call of this shape has cached it
+    with pytest.raises(MoexportError, match=r"x.*\(5, 23\)"):
+        call(torch.randn(5, 23))
+    with pytest.raises(MoexportError, match="k=7"):
+        call(k=7)
+    with pytest.raises(MoexportError, match="selection"):
+        call(selection="argmax")
+    with pytest.raises(MoexportError, match="activation='tanh'"):
+        call(activation="tanh")
 
 
 def test_fast_path_is_offered_for_cuda_inputs_only():
