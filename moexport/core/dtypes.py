@@ -41,11 +41,9 @@ TOLERANCES: dict[str, Tolerance] = {
 def dtype_name(dtype: str | torch.dtype) -> str:
     """Canonical name ('float32', 'float16', 'bfloat16') of a dtype given as a name, alias or torch dtype."""
     if isinstance(dtype, torch.dtype):
-        for name, value in DTYPES.items():
-            if value == dtype:
-                return name
-        raise MoexportError(f"dtype={dtype}", "is not supported", f"use one of {', '.join(DTYPES)}")
-    name = _ALIASES.get(str(dtype).lower(), str(dtype).lower())
+        name = next((name for name, value in DTYPES.items() if value == dtype), None)
+    else:
+        name = _ALIASES.get(str(dtype).lower(), str(dtype).lower())
     if name not in DTYPES:
         raise MoexportError(f"dtype={dtype!r}", "is not supported", f"use one of {', '.join(DTYPES)}")
     return name
