@@ -105,10 +105,6 @@ def config_key(config: dict[str, Any]) -> str:
     return ".".join(str(p) for p in parts if p)
 
 
-def _placeholder(name: str) -> ir.Value:
-    return ir.Value(name=name)
-
-
 def _strip(function: onnx.FunctionProto) -> onnx.FunctionProto:
     """Drop onnxscript's per-node tracing metadata (namespaces, class hierarchy)."""
     for node in function.node:
@@ -120,13 +116,9 @@ def _strip(function: onnx.FunctionProto) -> onnx.FunctionProto:
 def build_function(trace, inputs: tuple[str, ...], present: list[bool], *, domain: str, name: str,
                    overload: str, opset: int, attributes: dict[str, Any] | None = None) -> onnx.FunctionProto:
     """Trace `trace(op, *values)` into a FunctionProto (absent optional inputs are passed as None)."""
-    values = [_placeholder(n) if here else None for n, here in zip(inputs, present)]
-
-    def call(op, *args):
-        return trace(op, *args)
-
+    values = [ir.Value(name=n) if here else None for n, here in zip(inputs, present)]
     imports = {"": opset} if domain == DOMAIN else {"": opset, DOMAIN: VERSION}
-    function = onnxscript.build_function(call, values, domain=domain, name=name, opset_imports=imports,
+    function = onnxscript.build_function(trace, values, domain=domain, name=name, opset_imports=imports,
                                          attributes=[ir.Attr(n, _attr_type(v), v) for n, v in (attributes or {}).items()])
     proto = _strip(ir.serde.serialize_function(function))
     proto.overload = overload
