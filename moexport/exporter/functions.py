@@ -32,8 +32,10 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]] =
     "SigmaMoE": (("x", "expert_sel", "keys", "values", "bias", "o_bias"), ("y", "expert"),
                  {"k": 1, "selection": "sigmoid", "activation": "relu"}),
 }
+_OPTIONAL = ("gate", "bias", "o_bias")  # the optional inputs of the op set
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
            onnx.TensorProto.BFLOAT16: "bfloat16"}
+_IR_DTYPES = {name: ir.DataType(elem_type) for elem_type, name in _DTYPES.items()}
 
 
 def tensor_types(graph: onnx.GraphProto) -> dict[str, tuple[int, tuple]]:
@@ -68,7 +70,7 @@ def node_config(node: onnx.NodeProto, types: dict[str, tuple[int, tuple]]) -> di
                             f"{node.op_type} takes {', '.join(defaults)}, plugin_namespace and plugin_version")
     present = [i < len(node.input) and node.input[i] != "" for i in range(len(inputs))]
     config = {"op_type": node.op_type, **attributes,
-              "optional": tuple(name for name, here in zip(inputs, present) if here and name in ("gate", "bias", "o_bias"))}
+              "optional": tuple(name for name, here in zip(inputs, present) if here and name in _OPTIONAL)}
     if node.op_type != "TopKDispatch":
         weight = node.input[inputs.index("W" if node.op_type == "CVMM" else "keys")]
         if weight not in types or len(types[weight][1]) != 3 or not isinstance(types[weight][1][0], int):
@@ -137,22 +139,16 @@ def function_body(config: dict[str, Any], opset: int) -> onnx.FunctionProto:
     inputs, _, defaults = SIGNATURES[op_type]
     settings = {n: v for n, v in config.items() if n not in ("op_type", "optional")}
     if "dtype" in settings:
-        settings["dtype"] = ir.DataType.from_numpy(np.dtype(_numpy_dtype(settings["dtype"])))
+        settings["dtype"] = _IR_DTYPES[settings["dtype"]]
     if op_type == "SigmaMoE":
         settings["opset"] = opset
     trace = {"TopKDispatch": bodies.topk_dispatch, "CVMM": bodies.cvmm, "SigmaMoE": bodies.sigma_moe}[op_type]
-    present = [name not in ("gate", "bias", "o_bias") or name in config["optional"] for name in inputs]
+    present = [name not in _OPTIONAL or name in config["optional"] for name in inputs]
     while not present[-1]:
         present.pop()
     return build_function(lambda op, *values: trace(op, *values, **settings), inputs, present, domain=DOMAIN,
                           name=op_type, overload=config_key(config), opset=opset,
                           attributes={**defaults, **{n: "" for n in PLUGIN_ATTRIBUTES}})
-
-
-def _numpy_dtype(name: str):
-    import ml_dtypes
-
-    return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -237,7 +233,7 @@ def form_function(form: str, config: dict[str, Any], present: list[bool], *, ops
     """
     trace = bodies.dispatch_form if form == "dispatch" else bodies.portable_form
     settings = {"routing": routing, "k": config["k"], "selection": config["selection"], "activation": config["activation"],
-                "dtype": ir.DataType.from_numpy(np.dtype(_numpy_dtype(config["dtype"]))), "opset": opset,
+                "dtype": _IR_DTYPES[config["dtype"]], "opset": opset,
                 "with_expert": config["with_expert"], "d_model": d_model, "n_experts": config["n_experts"],
                 "expert_size": expert_size}
     return build_function(lambda op, *values: trace(op, *values, **settings), FORM_INPUTS[form], present,
