@@ -6,9 +6,8 @@ and filled with its tensors, bit for bit.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 from moexport.checkpoints.files import read_safetensors_file
 from moexport.checkpoints.tensors import build_from_config, fill
 from moexport.core.errors import MoexportError
+from moexport.core.files import write_atomically
 from moexport.models.base import ConfigModule
 
 CONFIG_FILE = "config.json"
@@ -37,8 +37,8 @@ def save_native(model: ConfigModule, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config()}
     # The weights first: config.json is what marks the folder as a checkpoint.
-    _write_atomically(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomically(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 
@@ -79,13 +79,3 @@ def _separate_storages(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         seen.add(tensor.untyped_storage().data_ptr())
         tensors[name] = tensor
     return tensors
-
-
-def _write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary name in the same folder, then rename: never a half-written file."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from moexport.core.files import write_atomically
 from moexport.validate.compare import OutputResult, RoutingResult
 
 
@@ -78,8 +78,8 @@ class ValidationReport:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"json": folder / "report.json", "html": folder / "report.html"}
-        _write_atomic(paths["json"], json.dumps(self.to_dict(), indent=1))
-        _write_atomic(paths["html"], self.to_html())
+        write_atomically(paths["json"], lambda tmp: tmp.write_text(json.dumps(self.to_dict(), indent=1)))
+        write_atomically(paths["html"], lambda tmp: tmp.write_text(self.to_html(), encoding="utf-8"))
         return paths
 
     def to_html(self) -> str:
@@ -117,10 +117,3 @@ def _html_table(columns: list[str], rows: list[dict]) -> str:
 
     body = "".join("<tr>" + "".join(cell(row.get(c)) for c in columns) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
