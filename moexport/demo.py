@@ -14,6 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -89,8 +90,8 @@ def run_demo(checkpoint: str | os.PathLike | None = None, *, output_dir: str | o
                                       show_progress=False)
             advance()
         advance(0, description="fusing the dispatch graph")
-        fuse_report = fuse(paths["dispatch"], out / "model.fused.onnx")
         paths["fused"] = out / "model.fused.onnx"
+        fuse_report = fuse(paths["dispatch"], paths["fused"])
         advance()
         for form, path in paths.items():
             advance(0, description=f"validating the {form} graph in ONNX Runtime")
@@ -114,23 +115,21 @@ def _demo_tokens(model: torch.nn.Module) -> np.ndarray:
 def _torch_latency(model: torch.nn.Module, ids: np.ndarray) -> float:
     x = torch.from_numpy(ids)
     with torch.no_grad():
-        model(x)
-        times = []
-        for _ in range(TIMED_RUNS):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        return _median_ms(lambda: model(x))
 
 
 def _ort_latency(path: Path, ids: np.ndarray) -> float:
-    session = ort_session(path)
-    feed = {"input_ids": ids}
-    session.run(None, feed)
+    session, feed = ort_session(path), {"input_ids": ids}
+    return _median_ms(lambda: session.run(None, feed))
+
+
+def _median_ms(run: Callable[[], object]) -> float:
+    """Median wall time of TIMED_RUNS calls of `run`, in ms, after one untimed warm-up call."""
+    run()
     times = []
     for _ in range(TIMED_RUNS):
         start = time.perf_counter()
-        session.run(None, feed)
+        run()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
