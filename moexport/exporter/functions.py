@@ -55,6 +55,11 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return {name: v.decode() if isinstance(v, bytes) else v for name, v in values.items()}
 
 
+def _culprit(node: onnx.NodeProto) -> str:
+    """How errors name a node: by its name, else (nodes need none) by its first output."""
+    return f"node {node.name or (node.output or [''])[0]!r} ({node.op_type})"
+
+
 def node_config(node: onnx.NodeProto, types: dict[str, tuple[int, tuple]]) -> dict[str, Any]:
     """The configuration a moexport node's function body is specialised for.
 
@@ -63,7 +68,7 @@ def node_config(node: onnx.NodeProto, types: dict[str, tuple[int, tuple]]) -> di
     """
     inputs, outputs, defaults = SIGNATURES[node.op_type]
     attributes = {**defaults, **{n: v for n, v in _attributes(node).items() if n not in PLUGIN_ATTRIBUTES}}
-    culprit = f"node {node.name or node.output[0]!r} ({node.op_type})"
+    culprit = _culprit(node)
     unknown = set(attributes) - set(defaults)
     if unknown:
         raise MoexportError(culprit, f"has unknown attribute(s) {', '.join(sorted(unknown))}",
@@ -163,7 +168,7 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.domain != DOMAIN:
             continue
         if node.op_type not in OPS:
-            raise MoexportError(f"node {node.name!r}", f"has op type moexport::{node.op_type}, which is not in the op set",
+            raise MoexportError(_culprit(node), f"has op type moexport::{node.op_type}, which is not in the op set",
                                 f"the moexport op set version {VERSION} has {', '.join(OPS)}")
         config = node_config(node, types)
         node.overload = config_key(config)
@@ -304,7 +309,7 @@ def _initializer(node: onnx.NodeProto, name: str, inits: dict[str, onnx.TensorPr
     if name == "":
         return None
     if name not in inits:
-        raise MoexportError(f"node {node.name!r} (SigmaMoE)", f"parameter {name!r} is not an initializer",
+        raise MoexportError(_culprit(node), f"parameter {name!r} is not an initializer",
                             "the dispatch and portable forms rewrite the layer's weights, so they must be constant")
     return numpy_helper.to_array(inits[name])
 
