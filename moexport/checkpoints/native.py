@@ -30,10 +30,11 @@ def save_native(model: ConfigModule, path: Path) -> Path:
                             "build it with moexport.models (from_preset, SigmaMoE, …) or load_checkpoint")
     if path.exists() and not path.is_dir():
         raise MoexportError(path, "exists and is not a folder", "a moexport checkpoint is a folder")
-    tensors = _separate_storages(model.state_dict())
-    on_meta = [name for name, tensor in tensors.items() if tensor.is_meta]
+    state = model.state_dict()
+    on_meta = [name for name, tensor in state.items() if tensor.is_meta]
     if on_meta:
         raise MoexportError(f"tensor '{on_meta[0]}'", "is on the meta device and has no values to save")
+    tensors = _separate_storages(state)
     path.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config()}
     # The weights first: config.json is what marks the folder as a checkpoint.
@@ -74,7 +75,7 @@ def _separate_storages(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     seen, tensors = set(), {}
     for name, tensor in state.items():
         tensor = tensor.detach().contiguous()
-        if tensor.untyped_storage().data_ptr() in seen and not tensor.is_meta:
+        if tensor.untyped_storage().data_ptr() in seen:
             tensor = tensor.clone()
         seen.add(tensor.untyped_storage().data_ptr())
         tensors[name] = tensor

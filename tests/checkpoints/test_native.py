@@ -86,6 +86,14 @@ def test_saving_onto_a_file_is_a_clear_error(tmp_path):
         save_checkpoint(DenseMLP(8, 16), tmp_path / "file")
 
 
+def test_saving_a_model_without_values_is_a_clear_error(tmp_path):
+    with torch.device("meta"):
+        model = DenseMLP(8, 16)
+    with pytest.raises(MoexportError, match=r"tensor 'linear1\.weight' \| is on the meta device"):
+        save_checkpoint(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_folder_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(MoexportError, match="without config.json"):
         load_checkpoint(tmp_path)
