@@ -316,9 +316,11 @@ def cvmm_plan(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: bool
     rows = max(1, n_rows // E)
     cfg = tile_config("down" if reduce else "up", d_in, d_out, max(1, n_rows // k), rows_per_expert=rows)
     tile_m = cfg["BLOCK_M"]
+    # the kernel writes offsets[0..E], one lane each: E + 1 lanes (pow2(E) drops offsets[E] when E is
+    # a power of two of 16 and up; for every other E the two are equal)
     offsets = Step("routing.offsets_kernel", (f"min(32, cdiv(S, {tile_m}))",),
                    {"sorted_expert_ptr": "sorted_expert", "offsets_ptr": "offsets", "tile_map_ptr": "tile_map",
-                    "S": "S"}, {"E": E, "TILE_M": tile_m, "BLOCK_E": pow2(E)}, 4, 1)
+                    "S": "S"}, {"E": E, "TILE_M": tile_m, "BLOCK_E": pow2(E + 1)}, 4, 1)
     out_rows = "cdiv(S, %d)" % k if reduce else "S"
     direct = dtype == "float32" or not reduce
     main = _cvmm_step(x="x", w="w", out="out" if direct else "acc", e=E, k_in=d_in, n_out=d_out, w_strides=w_strides,

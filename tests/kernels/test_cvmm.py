@@ -43,6 +43,22 @@ def test_cvmm_matches_a_row_loop(dtype, reduce, device):
     torch.testing.assert_close(out.double(), ref, rtol=tol.rtol, atol=tol.atol, msg=f"out {dtype} reduce={reduce}")
 
 
+@pytest.mark.parametrize("n_experts", [16, 32])
+def test_cvmm_reaches_the_last_expert_of_a_power_of_two_count(n_experts, device):
+    """The op derives the per-expert row offsets from sorted_expert; the last expert's end (offsets[E])
+    must be written also when E is a tile length (a power of two of 16 and up, as the paper's shapes)."""
+    n_tokens, k = 21, 2
+    logits = torch.randn(n_tokens, n_experts)
+    logits[:, -1] += 100.0  # every token routes one slot to the last expert
+    _, _, sorted_expert, sorted_slot = topk_dispatch(logits.to(device), k)
+    x = torch.randn(n_tokens, 16, device=device)
+    w = torch.randn(n_experts, 16, 24, device=device)
+    out = cvmm(x, sorted_expert, sorted_slot // k, sorted_slot, w).cpu()
+    ref = loop_cvmm(*(t.cpu() for t in (x, sorted_expert, sorted_slot // k, sorted_slot, w)), None, False, k)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"out, E={n_experts}: {m}")
+
+
 def test_cvmm_reads_a_transposed_weight_without_copying(device):
     sorted_expert, sorted_slot = plan(17, 4, 1, device)
     x = torch.randn(17, 24, device=device)
