@@ -11,6 +11,7 @@ or an input pointer not aligned like the first call's send a call back through t
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import warnings
@@ -78,10 +79,7 @@ class _Prepared:
         for b in plan.workspace:
             shape, dtype = shape_of(b), _dtype(b.dtype)
             self.workspace.append((b.name, offset, shape, dtype, b.zero))
-            numel = 1
-            for size in shape:
-                numel *= size
-            offset += -(-numel * dtype.itemsize // _ALIGN) * _ALIGN
+            offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
         self.workspace_bytes = offset
         names = {b.name for b in (*plan.inputs, *plan.outputs, *plan.workspace)}
         self.steps = []
@@ -205,7 +203,4 @@ def _launch_direct(prepared: _Prepared, buffers: dict, workspace: torch.Tensor, 
 
 
 def _view(workspace: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return workspace[offset:offset + numel * dtype.itemsize].view(dtype).view(shape)
+    return workspace[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
