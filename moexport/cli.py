@@ -12,14 +12,23 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 
 from moexport.core.errors import MoexportError
+from moexport.core.shapes import parse_shapes
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
-# Tables are wider than 80 columns; a log file or pipe has no width of its own, so give it room.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
+
+
+def _console(stream) -> Console:
+    """A console on sys.stdout or sys.stderr."""
+    # Tables are wider than 80 columns; a log file or pipe has no width of its own, so give it room.
+    return Console(stderr=stream is sys.stderr, width=None if stream.isatty() else 132)
+
+
+console = _console(sys.stderr)
 
 # name -> (function, add_arguments)
 SUBCOMMANDS: dict[str, tuple] = {}
@@ -70,7 +79,7 @@ def cmd_inspect(args):
     """
     from moexport.checkpoints import describe, describe_table
 
-    Console(width=None if sys.stdout.isatty() else 132).print(describe_table(describe(args.checkpoint, k=args.k)))
+    _console(sys.stdout).print(describe_table(describe(args.checkpoint, k=args.k)))
 
 
 def _export_args(p):
@@ -113,8 +122,6 @@ def cmd_fuse(args):
     Folds constants, fuses the routing and each whole layer, and reports what was fused; a graph with
     no recognised layer is written unchanged, with the nearest miss of each candidate.
     """
-    from pathlib import Path
-
     from moexport.exporter import fuse
 
     output = args.output or str(Path(args.model).with_suffix(".fused.onnx"))
@@ -134,11 +141,7 @@ def _build_args(p):
 @subcommand(_build_args)
 def cmd_build(args):
     """Build a TensorRT engine (TensorRT >= 10, else TensorRT-RTX, which builds without a GPU)."""
-    from pathlib import Path
-
     from moexport.trt_plugins import build_engine
-
-    from moexport.core.shapes import parse_shapes
 
     bounds = [parse_shapes(getattr(args, f"{b}_shapes")) for b in ("min", "opt", "max")]
     names = set().union(*bounds)
