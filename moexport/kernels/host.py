@@ -135,8 +135,10 @@ def _direct_launch() -> bool:
 def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
     """Run `plan` on `tensors` (its inputs by name; optional ones may be None) and return its outputs.
 
+    The callers (`ops`) pass every input the plan's steps read: a missing one is not checked here.
+
     Raises:
-        MoexportError: an input is missing or has the wrong shape or dtype.
+        MoexportError: an input has the wrong shape or dtype.
     """
     device = next(t.device for t in tensors.values() if t is not None)
     shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items() if t is not None)
