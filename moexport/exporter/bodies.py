@@ -109,6 +109,16 @@ def expert_rows(op, expert: ir.Value, e: int) -> tuple[ir.Value, ir.Value]:
     return op.Gather(pairs, const(op, 0, np.int64), axis=1), pairs
 
 
+def unflatten(op, x, out, expert, values, *, k: int, dtype: ir.DataType, with_expert: bool):
+    """The layer's outputs from token rows: y [..., dv] (out [N, dv] float32 rounded to the model dtype,
+    x's leading dims) and, if `with_expert`, expert [..., k] as int64."""
+    lead = op.Shape(x, end=-1)
+    y = op.Reshape(round_to(op, out, dtype), op.Concat(lead, op.Shape(values, start=2), axis=0))
+    if not with_expert:
+        return y
+    return y, op.Reshape(op.Cast(expert, to=INT64), op.Concat(lead, const(op, [k], np.int64), axis=0))
+
+
 def topk_dispatch(op, logits: ir.Value, *, k: int, selection: str):
     """Body of TopKDispatch."""
     gate, expert = route(op, logits, k=k, selection=selection)
@@ -155,11 +165,7 @@ def sigma_moe(op, x, expert_sel, keys, values, bias=None, o_bias=None, *, k: int
         out = op.ScatterND(out, op.Unsqueeze(rows, [-1]), product, reduction="add")
     if o_bias is not None:
         out = op.Add(out, as_float(op, o_bias, dtype))
-    lead = op.Shape(x, end=-1)
-    y = op.Reshape(round_to(op, out, dtype), op.Concat(lead, op.Shape(values, start=2), axis=0))
-    if not with_expert:
-        return y
-    return y, op.Reshape(op.Cast(expert, to=INT64), op.Concat(lead, const(op, [k], np.int64), axis=0))
+    return unflatten(op, x, out, expert, values, k=k, dtype=dtype, with_expert=with_expert)
 
 
 def dispatch_form(op, x, router_w, keys, values, bias=None, o_bias=None, *, k: int, selection: str,
@@ -184,11 +190,7 @@ def dispatch_form(op, x, router_w, keys, values, bias=None, o_bias=None, *, k: i
                    **PLUGIN_ATTRIBUTES)
     if o_bias is not None:
         out = op.Add(out, o_bias)
-    lead = op.Shape(x, end=-1)
-    y = op.Reshape(round_to(op, out, dtype), op.Concat(lead, op.Shape(values, start=2), axis=0))
-    if not with_expert:
-        return y
-    return y, op.Reshape(op.Cast(expert, to=INT64), op.Concat(lead, const(op, [k], np.int64), axis=0))
+    return unflatten(op, x, out, expert, values, k=k, dtype=dtype, with_expert=with_expert)
 
 
 def dispatch_route(op, logits: ir.Value, *, k: int, selection: str) -> tuple[ir.Value, ir.Value]:
