@@ -1,12 +1,13 @@
 """Standard-ONNX computations of the op set, written once as onnxscript trace functions.
 
-Each trace function takes an onnxscript ``OpBuilder`` and ir values and emits standard ONNX ops. The
-same functions serve four callers:
+Each trace function takes an onnxscript ``OpBuilder`` and ir values and emits ONNX ops (standard
+ones, and in the dispatch form ``TopKDispatch`` and ``CVMM``). The same functions serve three callers:
 
 - the model-local function bodies of ``TopKDispatch``, ``CVMM`` and ``SigmaMoE`` (what ONNX Runtime,
-  or any runtime without our kernels, inlines and runs): `function_body`;
+  or any runtime without our kernels, inlines and runs): `moexport.exporter.functions.function_body`;
 - the *dispatch* form of a σ-MoE layer (router MatMul, ``TopKDispatch``, two ``CVMM``) and its
-  *portable* form (standard ops only): `expansion`;
+  *portable* form (standard ops only), which `moexport.exporter.functions.lower` puts in place of
+  each ``SigmaMoE`` node;
 - the templates that `moexport.exporter.surgeon` matches to fuse graphs back into ``SigmaMoE``.
 
 Bodies are specialised per configuration (attributes, dtype, number of experts) and told apart by the
