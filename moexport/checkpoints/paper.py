@@ -20,6 +20,7 @@ import torch
 from moexport.checkpoints.tensors import load_into
 from moexport.core.errors import MoexportError
 from moexport.models.base import ConfigModule
+from moexport.models.init import prenorm_scale
 
 VARIANTS = ("preln_moe", "preln_relative", "preln_kvmem", "preln_topk")
 LOGGING_BUFFERS = ("kv_sel_counts_100", "iter")  # persistent counters of the research code: not weights
@@ -159,7 +160,7 @@ def paper_config(args: PaperArgs, state: Mapping[str, Any], path: Path) -> dict[
         raise MoexportError(f"{path}, argument 'transformer.activation'", f"is {activation!r}",
                             f"{variant} supports {', '.join(_ACTIVATIONS[variant])}")
     dropout = args.get("dropout", float, 0.0)
-    ffn = _FFN_CONFIGS[variant](args, shape, d_model=d_model, n_layers=n_layers, activation=activation,
+    ffn = _FFN_CONFIGS[variant](args, shape, d_model=d_model, scale=prenorm_scale(n_layers), activation=activation,
                                 dropout=dropout)
     return {"kind": "transformer_lm", "vocab_size": vocab_size, "d_model": d_model, "n_layers": n_layers,
             "n_heads": n_heads, "ffn": ffn, "head_dim": head_dim, "dropout": dropout}
@@ -182,7 +183,7 @@ class _ShapeReader:
         return tuple(tensor.shape)
 
 
-def _sigma_moe(args, shape, *, d_model, n_layers, activation, dropout):
+def _sigma_moe(args, shape, *, d_model, scale, activation, dropout):
     n_experts, _, expert_size = shape("layers.0.pkm.keys", 3)
     mode = args.get("moe.selection_mode", str, "sigmoid")
     after_topk = args.get("moe.activation_after_topk", bool, False)
@@ -195,21 +196,21 @@ def _sigma_moe(args, shape, *, d_model, n_layers, activation, dropout):
             "activation": activation,
             "expert_dropout": args.get("moe.drop_expert", float, 0.0), "bias": "layers.0.pkm.bias" in shape.state,
             "v_dim": shape("layers.0.pkm.values", 3)[2],
-            "weight_std_scale": math.sqrt(2.0 / n_layers) * math.sqrt(args.get("moe.init_scale", float, 1.0))}
+            "weight_std_scale": scale * math.sqrt(args.get("moe.init_scale", float, 1.0))}
 
 
-def _dense(args, shape, *, d_model, n_layers, activation, dropout):
+def _dense(args, shape, *, d_model, scale, activation, dropout):
     return {"kind": "dense", "d_model": d_model, "d_ff": shape("layers.0.linear1.weight", 2)[0],
-            "activation": activation, "dropout": dropout, "weight_std_scale": math.sqrt(2.0 / n_layers)}
+            "activation": activation, "dropout": dropout, "weight_std_scale": scale}
 
 
-def _topk(args, shape, *, d_model, n_layers, activation, dropout):
-    return {**_dense(args, shape, d_model=d_model, n_layers=n_layers, activation=activation, dropout=dropout),
+def _topk(args, shape, *, d_model, scale, activation, dropout):
+    return {**_dense(args, shape, d_model=d_model, scale=scale, activation=activation, dropout=dropout),
             "kind": "topk", "k": args.get("transformer.topk_value", int, 32),
             "use_norm": args.get("transformer.topk_use_norm", bool, True)}
 
 
-def _pkm(args, shape, *, d_model, n_layers, activation, dropout):
+def _pkm(args, shape, *, d_model, scale, activation, dropout):
     heads, n_keys, _ = shape("layers.0.pkm.keys.0", 3)
     key_sizes = args.get("pkm.n_keys", "int_list", [n_keys])
     if len(set(key_sizes)) > 1:
@@ -217,7 +218,7 @@ def _pkm(args, shape, *, d_model, n_layers, activation, dropout):
                             "moexport's PKM has two sub-key tables of the same size")
     return {"kind": "pkm", "d_model": d_model, "n_keys": n_keys, "heads": heads,
             "knn": args.get("pkm.knn", int, 32), "activation": activation,
-            "weight_std_scale": math.sqrt(2.0 / n_layers),
+            "weight_std_scale": scale,
             "value_init": "d_model" if args.get("pkm.custom_init", int, 0) in (0, 1) else "n_values"}
 
 

@@ -7,6 +7,11 @@ import torch
 import torch.nn as nn
 
 
+def prenorm_scale(n_layers: int) -> float:
+    """The paper's init scale s = sqrt(2 / n_layers) of every projection of a pre-LN model."""
+    return math.sqrt(2.0 / n_layers)
+
+
 @torch.no_grad()
 def prenorm_init_(linear: nn.Linear, weight_std_scale: float) -> None:
     """The paper's `reset_prenorm_params` for one Linear: truncated normal rescaled to std s/√fan_in.

@@ -10,11 +10,11 @@ runs, k ∈ {64…512}), `pkm` the parameter-matched PKM with the paper's init (
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 from moexport.core.errors import MoexportError
 from moexport.models.base import ConfigModule, build
+from moexport.models.init import prenorm_scale
 from moexport.models.transformer import TransformerLM
 
 FFN_KINDS = ("sigma_moe", "dense", "pkm", "topk")
@@ -67,7 +67,7 @@ def preset_config(name: str, ffn: str | None = None, **overrides: Any) -> dict[s
         raise MoexportError(f"preset {name!r} with ffn={ffn!r}", "was not trained in the paper",
                             f"presets with {ffn}: {', '.join(having)}")
     lm = {**lm, **{key: value for key, value in overrides.items() if key in _LM_ARGUMENTS}}
-    d, scale = lm["d_model"], math.sqrt(2.0 / lm["n_layers"])
+    d, scale = lm["d_model"], prenorm_scale(lm["n_layers"])
     layer = {
         "sigma_moe": dict(kind="sigma_moe", d_model=d, **moe, weight_std_scale=scale),
         "dense": dict(kind="dense", d_model=d, d_ff=d_ff, dropout=lm["dropout"], weight_std_scale=scale),

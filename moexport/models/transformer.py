@@ -11,7 +11,6 @@ uses `pkm` for σ-MoE and PKM, and puts `linear1`/`linear2` of the dense layers 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from moexport.core.errors import MoexportError
 from moexport.models.attention import RelativeAttention
 from moexport.models.base import ConfigModule, build
+from moexport.models.init import prenorm_scale
 
 
 class TransformerLayer(ConfigModule):
@@ -92,10 +92,9 @@ class TransformerLM(ConfigModule):
         self.embedding = nn.Embedding(vocab_size, d_model)
         nn.init.xavier_uniform_(self.embedding.weight)
         # The paper's pre-LN init: attention projections with std sqrt(2 / (n_layers · fan_in)).
-        scale = math.sqrt(2.0 / n_layers)
         self.layers = nn.ModuleList(
             TransformerLayer(d_model, n_heads, layer_ffn, head_dim=head_dim, dropout=dropout,
-                             weight_std_scale=scale)
+                             weight_std_scale=prenorm_scale(n_layers))
             for layer_ffn in ffns)
         self.out_norm = nn.LayerNorm(d_model)
         self.output = nn.Linear(d_model, vocab_size)
