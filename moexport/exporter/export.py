@@ -84,11 +84,12 @@ def export_forwards(model: nn.Module, experts: list | None = None):
         model: The model (not modified beyond the duration of the block).
         experts: A list that collects (module path, expert tensor) per layer, or None for no expert outputs.
     """
-    swapped = [(m, m.__dict__.get("forward")) for _, m in model.named_modules() if isinstance(m, SigmaMoE)]
+    swapped = []  # (module, the forward it held itself, if any)
     try:
         for path, module in model.named_modules():
             if isinstance(module, SigmaMoE):
-                module.forward = _sigma_moe_forward(module, path or "", experts)
+                swapped.append((module, module.__dict__.get("forward")))
+                module.forward = _sigma_moe_forward(module, path, experts)
         yield model
     finally:
         for module, previous in swapped:
