@@ -36,6 +36,8 @@ TIMED_RUNS = 10
 
 @dataclass
 class DemoRow:
+    """One line of the demo's summary table: an artifact, where it ran and how it compared."""
+
     artifact: str
     runtime: str
     size_mb: float | None
@@ -163,6 +165,7 @@ def _engine_row(portable: Path, model: torch.nn.Module, out: Path) -> DemoRow:
 
 
 def summary_table(rows: list[DemoRow], label: str) -> Table:
+    """The demo's rows as a rich table titled with the model's `label`."""
     table = Table(title=f"moexport demo — {label}", caption=f"batch 1 × {DEMO_SEQ} tokens of the text sample; "
                   "max abs err of the logits against PyTorch; routing: identical top-k sets"
                   + ("; * TensorRT-RTX runs on RTX GPUs only" if any("*" in r.status for r in rows) else ""))

@@ -17,6 +17,7 @@ from moexport.core.errors import MoexportError
 from moexport.models.sigma_moe import SigmaMoE
 
 def is_sigma_moe_state(content: Any) -> bool:
+    """Whether file content is a stand-alone σ-MoE layer state dict (keys, values and a router)."""
     return (isinstance(content, Mapping) and "keys" in content and "values" in content
             and ("expert_sel" in content or "expert_sel.weight" in content))
 

@@ -49,10 +49,12 @@ _ACTIVATIONS = {"preln_moe": ("relu", "gelu"), "preln_relative": ("relu", "gelu"
 
 
 def is_paper_checkpoint(content: Any) -> bool:
+    """Whether unpickled file content is a paper training checkpoint (it has 'model' and 'run_invariants')."""
     return isinstance(content, dict) and "model" in content and "run_invariants" in content
 
 
 def drop_logging_buffers(state: Mapping[str, Any]) -> dict[str, Any]:
+    """`state` without the research code's persistent counters (`LOGGING_BUFFERS`), which are not weights."""
     return {name: value for name, value in state.items() if name.rsplit(".", 1)[-1] not in LOGGING_BUFFERS}
 
 

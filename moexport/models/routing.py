@@ -25,6 +25,7 @@ SELECTIONS = ("sigmoid", "softmax", "softmax_after_topk")
 
 
 def check_selection(selection: str) -> str:
+    """`selection` itself, if it is one of `SELECTIONS`; otherwise a MoexportError listing them."""
     if selection not in SELECTIONS:
         raise MoexportError(f"selection={selection!r}", "is not a known selection mode",
                             f"use one of {', '.join(SELECTIONS)}")

@@ -52,14 +52,17 @@ class RoutingResult:
 
     @property
     def agreement(self) -> float:
+        """Share of tokens with identical top-k expert sets (1.0 when there were no tokens)."""
         return self.agreeing / self.tokens if self.tokens else 1.0
 
     @property
     def unexplained(self) -> int:
+        """Disagreeing tokens explained neither by a near-tie nor by an earlier layer's difference."""
         return self.tokens - self.agreeing - self.near_ties - self.downstream
 
     @property
     def passed(self) -> bool:
+        """Every disagreement is explained."""
         return self.unexplained == 0
 
 

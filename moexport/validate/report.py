@@ -30,12 +30,14 @@ class ValidationReport:
 
     @property
     def passed(self) -> bool:
+        """At least one output was compared, and every output and routing check passed."""
         return bool(self.outputs) and all(o.passed for o in self.outputs) and all(r.passed for r in self.routing)
 
     def __bool__(self) -> bool:
         return self.passed
 
     def to_dict(self) -> dict:
+        """The report as plain data (what report.json holds), routing with its derived fields."""
         routing = [{**vars(r), "agreement": r.agreement, "unexplained": r.unexplained, "passed": r.passed}
                    for r in self.routing]
         return {"artifact": self.artifact, "reference": self.reference, "dtype": self.dtype, "runners": self.runners,
@@ -83,6 +85,7 @@ class ValidationReport:
         return paths
 
     def to_html(self) -> str:
+        """The report as a self-contained HTML page (what report.html holds)."""
         data = self.to_dict()
         outputs = _html_table(["runner", "output", "max_abs", "max_rel", "mean_abs", "scale", "atol", "rtol", "passed"],
                               data["outputs"])

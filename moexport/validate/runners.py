@@ -25,6 +25,7 @@ GAP_PREFIX = "router_gap"  # PyTorch-only companion output: relative top-k margi
 
 
 def routing_name(prefix: str, module_path: str) -> str:
+    """Name of a routing output: `prefix` for a model that is one layer, else `prefix.<module path>`."""
     return f"{prefix}.{module_path}" if module_path else prefix
 
 
