@@ -194,9 +194,10 @@ def cmd_validate(args):
     """Check an ONNX file or TensorRT engine against the PyTorch model it was exported from.
 
     Runs the PyTorch reference and every selected runtime on identical inputs (seeded random data and,
-    for byte-level LMs, the shipped text sample), compares every output elementwise against the dtype's
-    tolerance (fp32 1e-5, fp16 1e-2, bf16 2e-2, relative and absolute) and, for every σ-MoE layer, the
-    top-k expert sets token by token; a routing difference not explained by a near-tie fails.
+    for byte-level LMs, the shipped text sample), checks every output against the dtype's tolerance,
+    max |err| <= atol + rtol * max |reference| (fp32 1e-5, fp16 1e-2, bf16 2e-2), and, for every
+    σ-MoE layer, compares the top-k expert sets token by token; a routing difference not explained
+    by a near-tie fails.
     Exit status 3 when a check FAILED.
     """
     from moexport.validate import validate

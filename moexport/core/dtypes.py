@@ -17,7 +17,10 @@ _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bf
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Parity tolerance: an element passes when |a - b| <= atol + rtol * |b|.
+    """Parity tolerance: rtol and atol bound the error of a result a against its reference b.
+
+    Elementwise (the kernel tests): |a - b| <= atol + rtol * |b|. For a whole output (`validate`),
+    against the output's scale: max |a - b| <= atol + rtol * max |b|.
 
     `tie` is the routing margin under which two runtimes may legitimately pick different experts: a
     token whose k-th and (k+1)-th best router logits differ by less than tie * max(1, |logit|) is a

@@ -35,7 +35,7 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
     """Compare an exported artifact with the PyTorch model it was exported from.
 
     Every runner gets identical inputs (seeded random data, and the shipped text sample for byte-level
-    LMs). Each output is checked elementwise against the dtype's tolerance; for every σ-MoE layer whose
+    LMs). Each output passes when max |err| <= atol + rtol · max |reference|; for every σ-MoE layer whose
     expert indices the artifact exposes, the share of tokens with identical top-k sets is reported and
     every disagreement is either explained by a near-tie of the reference's router logits or fails.
 

@@ -1,9 +1,10 @@
 """Comparison of runner outputs: numeric error per output, routing agreement per σ-MoE layer.
 
-Numeric outputs go through polygraphy's SimpleCompareFunc (elementwise |a − b| <= atol + rtol·|b|);
-routing outputs through `RoutingCompareFunc`, polygraphy's compare-function protocol applied to the
-expert indices: the share of tokens whose top-k SETS agree, with every disagreement explained by the
-reference's top-k margin (a near-tie) or counted as a failure.
+Numeric outputs go through polygraphy's SimpleCompareFunc, against the output's scale: an output
+passes when max |a − b| <= atol + rtol · max |reference| (see `compare_numeric`). Routing outputs
+(the expert indices) go through `compare_routing`: the share of tokens whose top-k SETS agree, with
+every disagreement explained by the reference's top-k margin (a near-tie) or by an earlier layer's
+difference, or counted as a failure.
 """
 from __future__ import annotations
 
