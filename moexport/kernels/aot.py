@@ -5,8 +5,9 @@ writes, next to the binaries, `<plan>.json`: the plan (buffers with shape expres
 symbols, steps in order) and per step what a launcher needs and nothing else: the cubin and PTX
 files, the entry name, the grid as expressions of the runtime symbols, block size, dynamic shared
 memory, and the argument layout (buffer pointers and 32-bit integers in order, then the number of
-Triton's hidden scratch pointers, passed as null: no plan kernel uses scratch memory). The ORT and TensorRT plugins read the same
-file; `moexport.kernels.launcher.AOTRunner` runs it from Python through the CUDA driver API.
+Triton's hidden scratch pointers, passed as null: no plan kernel uses scratch memory). The ORT and
+TensorRT plugins read the same file; `moexport.kernels.launcher.AOTRunner` runs it from Python
+through the CUDA driver API.
 
 The PTX ISA version is capped (`ptx_version`) so that drivers older than the compiling Triton's
 ptxas still load the PTX; the cubin is what is meant to be loaded.
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from moexport.core.errors import MoexportError
+from moexport.kernels.host import kernel
 from moexport.kernels.plan import Plan
 
 _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32"}
@@ -32,11 +34,8 @@ MANIFEST_VERSION = 1
 
 def _signature(plan: Plan, step) -> tuple[dict, dict, list[dict]]:
     """Triton signature, constexprs and the launcher's argument layout of one step."""
-    from moexport.kernels.host import kernel
-
-    fn = kernel(step.kernel)
     signature, constexprs, layout = {}, {}, []
-    for name in fn.arg_names:
+    for name in kernel(step.kernel).arg_names:
         if name in step.constexprs:
             signature[name], constexprs[name] = "constexpr", step.constexprs[name]
         elif step.args.get(name) is None:
@@ -100,12 +99,11 @@ def compile_plan(plan: Plan, out_dir: str | os.PathLike, *, sm: int | None = Non
     ptx_version = 84 if ptx_version is None else ptx_version
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from moexport.kernels.host import kernel
-
     steps = []
     for index, step in enumerate(plan.steps):
         signature, constexprs, layout = _signature(plan, step)
-        pointers = [i for i, name in enumerate(kernel(step.kernel).arg_names) if signature[name].startswith("*")]
+        # signature is in argument order: tt.divisibility marks the pointer arguments by position
+        pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
         source = triton.compiler.ASTSource(fn=kernel(step.kernel), signature=signature, constexprs=constexprs,
                                            attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
         options = {"num_warps": step.num_warps, "num_stages": step.num_stages, "ptx_version": ptx_version,
