@@ -271,7 +271,7 @@ def _replace(graph: gs.Graph, match: _Match, op: str, inputs: list, outputs: lis
                                attrs=attrs))
 
 
-def _fuse_routing(graph: gs.Graph, opset: int, report: FuseReport) -> int:
+def _fuse_routing(graph: gs.Graph, opset: int) -> int:
     """Standard-op routing -> TopKDispatch. Anchors: the gate computations after each TopK."""
     count = 0
     for topk in [n for n in graph.nodes if n.op == "TopK" and _domain(n) == ""]:
@@ -431,7 +431,7 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
     before = len(graph.nodes)
     _constants_to_tensors(graph)
     report.folded = before - len(graph.nodes)
-    steps = {"routing": lambda: _fuse_routing(graph, opset, report),
+    steps = {"routing": lambda: _fuse_routing(graph, opset),
              "sigma_moe": lambda: _fuse_layers(graph, "dispatch", opset, report),
              "sigma_moe_portable": lambda: _fuse_layers(graph, "portable", opset, report)}
     for name in PASSES:
