@@ -10,6 +10,7 @@ Exit status: 0 success; 1 bad input (file, tensor, option; the message says whic
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in sorted(SUBCOMMANDS, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
         fn, add_arguments = SUBCOMMANDS[name]
-        doc = (fn.__doc__ or "").strip()
+        doc = inspect.cleandoc(fn.__doc__ or "")
         child = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(child)
