@@ -39,7 +39,8 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[s
     """An ONNX Runtime InferenceSession for a graph with moexport ops.
 
     Args:
-        model: Path of an .onnx file (external data next to it) or a ModelProto.
+        model: Path of an .onnx file (external data next to it) or a ModelProto. Moexport nodes
+            without a function body get one (in a given ModelProto, in place).
         providers: Execution providers. Defaults to ["CPUExecutionProvider"].
         threads: Intra-op threads. Defaults to ONNX Runtime's choice (all cores).
         optimization: Graph optimisation level: 'disable', 'basic', 'extended' or 'all'. Defaults to 'all'.
@@ -60,17 +61,17 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[s
     options.graph_optimization_level = levels[optimization]
     if threads is not None:
         options.intra_op_num_threads = threads
-    source = model if not isinstance(model, onnx.ModelProto) else None
-    if source is None or _needs_functions(proto):
-        if source is not None:
+    path = None if isinstance(model, onnx.ModelProto) else str(model)
+    if _needs_functions(proto):
+        if path is not None:  # ORT gets the graph with its bodies as bytes, so the weights must be in it
             proto, _ = _load(model, load_external_data=True)
         attach_functions(proto)
         if proto.ByteSize() >= _TWO_GB:
             raise MoexportError(culprit, "has moexport nodes without function bodies and is over 2 GB",
                                 "run `moexport fuse` on it first, which writes the bodies")
-        source = proto.SerializeToString()
+        path = None
     try:
-        return ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
+        return ort.InferenceSession(proto.SerializeToString() if path is None else path, options,
                                     providers=providers or ["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own Fail/InvalidGraph types for a bad graph
         raise MoexportError(culprit, f"is rejected by ONNX Runtime: {error}") from None
