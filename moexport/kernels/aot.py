@@ -5,9 +5,9 @@ writes, next to the binaries, `<plan>.json`: the plan (buffers with shape expres
 symbols, steps in order) and per step what a launcher needs and nothing else: the cubin and PTX
 files, the entry name, the grid as expressions of the runtime symbols, block size, dynamic shared
 memory, and the argument layout (buffer pointers and 32-bit integers in order, then the number of
-Triton's hidden scratch pointers, passed as null: no plan kernel uses scratch memory). The ORT and
-TensorRT plugins read the same file; `moexport.kernels.launcher.AOTRunner` runs it from Python
-through the CUDA driver API.
+Triton's hidden scratch pointers, passed as null: no plan kernel uses scratch memory). It is the
+file the ORT and TensorRT plugins (a later issue) are to read; `moexport.kernels.launcher.AOTRunner`
+runs it from Python through the CUDA driver API.
 
 The PTX ISA version is capped (`ptx_version`) so that drivers older than the compiling Triton's
 ptxas still load the PTX; the cubin is what is meant to be loaded.

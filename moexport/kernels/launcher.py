@@ -1,9 +1,9 @@
 """Run an AOT-compiled plan (`moexport.kernels.aot`) through the CUDA driver API: no Triton JIT.
 
-This is what the ORT and TensorRT plugins do in C++: load each step's cubin, lay out the workspace
-from the manifest's shape expressions, and launch the steps in order on the caller's stream
-(memsets for zero-filled buffers first). Here the tensors are torch tensors for convenience; only
-their device pointers are used.
+This is what the ORT and TensorRT plugins (a later issue) are to do in C++: load each step's cubin,
+lay out the workspace from the manifest's shape expressions, and launch the steps in order on the
+caller's stream (memsets for zero-filled buffers first). Here the tensors are torch tensors for
+convenience; only their device pointers are used.
 """
 from __future__ import annotations
 

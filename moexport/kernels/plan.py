@@ -1,6 +1,6 @@
 """Launch plans: each operation as a FIXED sequence of kernel launches, the one source of truth for
-every host (PyTorch through Triton's JIT, and the AOT cubin launcher the ONNX Runtime and TensorRT
-plugins use).
+every host (PyTorch through Triton's JIT, and the AOT cubin launcher that the ONNX Runtime and
+TensorRT plugins, a later issue, will use).
 
 A `Plan` names its input, output and workspace buffers with shapes, and lists `Step`s: a kernel,
 its grid, its runtime arguments (a buffer name, an integer expression, or None for a null
