@@ -19,8 +19,6 @@ from moexport.exporter.functions import attach_functions
 from moexport.exporter.opset import DOMAIN, check_opset_imports
 from moexport.plugins.reference import REFERENCE_OPS
 
-_TWO_GB = 2**31
-
 
 def _load(model: str | os.PathLike | onnx.ModelProto, *, load_external_data: bool) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
@@ -66,7 +64,7 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[s
         if path is not None:  # ORT gets the graph with its bodies as bytes, so the weights must be in it
             proto, _ = _load(model, load_external_data=True)
         attach_functions(proto)
-        if proto.ByteSize() >= _TWO_GB:
+        if proto.ByteSize() > onnx.checker.MAXIMUM_PROTOBUF:
             raise MoexportError(culprit, "has moexport nodes without function bodies and is over 2 GB",
                                 "run `moexport fuse` on it first, which writes the bodies")
         path = None
