@@ -1,10 +1,12 @@
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import helper, numpy_helper
 
 from moexport.exporter.functions import SIGNATURES, attach_functions
 from moexport.exporter.opset import DOMAIN, VERSION
+from moexport.models import SigmaMoE
 
 
 def single_node_model(op_type: str, inputs: dict, attributes: dict, *, n_outputs: int | None = None,
@@ -33,6 +35,28 @@ def single_node_model(op_type: str, inputs: dict, attributes: dict, *, n_outputs
                               initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, VERSION)])
     return attach_functions(model), feeds
+
+
+def tied_logits(rng, n, e):
+    """Logits from 5 values, so most rows have ties, some at the top-k boundary."""
+    return rng.integers(-2, 3, size=(n, e)).astype(np.float32)
+
+
+def sigma_moe_case(rng, *, shape, e, k, selection="sigmoid", activation="relu", bias=False, dtype=torch.float32):
+    """A random σ-MoE layer's op inputs as numpy arrays, with the layer's own y and experts (the reference)."""
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    layer = SigmaMoE(12, e, 5, k, selection=selection, activation=activation, bias=bias).eval()
+    if bias:
+        with torch.no_grad():
+            layer.bias.normal_()
+            layer.o_bias.normal_()
+    layer = layer.to(dtype)
+    x = torch.randn(*shape, 12).to(dtype)
+    numpy = (lambda t: None if t is None else t.detach().float().numpy().astype(torch.empty(0, dtype=dtype).numpy().dtype))
+    inputs = {"x": numpy(x), "expert_sel": layer.expert_sel.detach().float().numpy(), "keys": numpy(layer.keys),
+              "values": numpy(layer.values), "bias": numpy(layer.bias), "o_bias": numpy(layer.o_bias)}
+    with torch.no_grad():
+        return inputs, layer(x), layer.route(x)[1]
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ import torch
 from moexport.models import route
 from moexport.plugins import reference_evaluator, sigma_moe, topk_dispatch
 
-from conftest import single_node_model
-from test_runtime import sigma_moe_case, tied_logits
+from conftest import sigma_moe_case, single_node_model, tied_logits
 
 
 @pytest.mark.parametrize("selection", ["sigmoid", "softmax", "softmax_after_topk"])

@@ -11,17 +11,12 @@ from onnx import helper
 
 from moexport.core.errors import MoexportError
 from moexport.exporter.opset import DOMAIN
-from moexport.models import SigmaMoE, route
+from moexport.models import route
 from moexport.plugins import cvmm, ort_session, topk_dispatch
 
-from conftest import single_node_model
+from conftest import sigma_moe_case, single_node_model, tied_logits
 
 SELECTIONS = ["sigmoid", "softmax", "softmax_after_topk"]
-
-
-def tied_logits(rng, n, e):
-    """Logits from 5 values, so most rows have ties, some at the top-k boundary."""
-    return rng.integers(-2, 3, size=(n, e)).astype(np.float32)
 
 
 @pytest.mark.parametrize("n, e, k", [(1, 8, 2), (37, 8, 3), (16, 6, 6), (64, 16, 4)])
@@ -57,22 +52,6 @@ def test_cvmm_body_matches_the_reference(rng, reduce, with_gate, dtype, tol):
     want = cvmm(x, sorted_expert, src_row, sorted_slot, weight, slot_gate, reduce, k)
     assert out.dtype == np.float32 and out.shape == want.shape
     np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
-
-
-def sigma_moe_case(rng, *, shape, e, k, selection="sigmoid", activation="relu", bias=False, dtype=torch.float32):
-    torch.manual_seed(int(rng.integers(1 << 30)))
-    layer = SigmaMoE(12, e, 5, k, selection=selection, activation=activation, bias=bias).eval()
-    if bias:
-        with torch.no_grad():
-            layer.bias.normal_()
-            layer.o_bias.normal_()
-    layer = layer.to(dtype)
-    x = torch.randn(*shape, 12).to(dtype)
-    numpy = (lambda t: None if t is None else t.detach().float().numpy().astype(torch.empty(0, dtype=dtype).numpy().dtype))
-    inputs = {"x": numpy(x), "expert_sel": layer.expert_sel.detach().float().numpy(), "keys": numpy(layer.keys),
-              "values": numpy(layer.values), "bias": numpy(layer.bias), "o_bias": numpy(layer.o_bias)}
-    with torch.no_grad():
-        return inputs, layer(x), layer.route(x)[1]
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)
