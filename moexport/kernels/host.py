@@ -60,7 +60,8 @@ def bind_symbols(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> dict[str, in
     return symbols
 
 
-def _dtype(name: str) -> torch.dtype:
+def buffer_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a plan buffer's dtype name ('float32', 'int32', 'float16', 'bfloat16')."""
     return torch.int32 if name == "int32" else torch_dtype(name)
 
 
@@ -74,10 +75,10 @@ class _Prepared:
         if plan.notes.get("mode") == "decode" and symbols.get("N", 0) > plan.max_tokens:
             raise InternalError(f"decode plan for {plan.max_tokens} tokens given {symbols['N']}")
         shape_of = lambda buf: tuple(evaluate(e, symbols) for e in buf.shape)  # noqa: E731
-        self.outputs = [(b.name, shape_of(b), _dtype(b.dtype), b.zero) for b in plan.outputs]
+        self.outputs = [(b.name, shape_of(b), buffer_dtype(b.dtype), b.zero) for b in plan.outputs]
         self.workspace, offset = [], 0
         for b in plan.workspace:
-            shape, dtype = shape_of(b), _dtype(b.dtype)
+            shape, dtype = shape_of(b), buffer_dtype(b.dtype)
             self.workspace.append((b.name, offset, shape, dtype, b.zero))
             offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
         self.workspace_bytes = offset
@@ -90,7 +91,7 @@ class _Prepared:
                 options = dict(step.constexprs, num_warps=step.num_warps, num_stages=step.num_stages)
                 grid = tuple(evaluate(g, symbols) for g in step.grid)
                 self.steps.append((kernel(step.kernel), grid, args, options))
-        self.inputs = [(b.name, _dtype(b.dtype), b.strided) for b in plan.inputs]
+        self.inputs = [(b.name, buffer_dtype(b.dtype), b.strided) for b in plan.inputs]
         self.fast: list | None = None  # compiled launchers, once a CUDA call has compiled every step
         self.aligned: dict[str, bool] = {}  # input name -> was 16-byte aligned when compiled
 

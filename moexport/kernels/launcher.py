@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from moexport.core.errors import InternalError, MoexportError
+from moexport.kernels.host import buffer_dtype
 from moexport.kernels.plan import evaluate
 
 _ALIGN = 256
-_SIZES = {"float32": 4, "int32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _check(result):
@@ -47,7 +47,7 @@ def workspace_layout(manifest: dict, symbols: dict[str, int]) -> tuple[dict[str,
         numel = 1
         for expr in buf["shape"]:
             numel *= evaluate(expr, symbols)
-        nbytes = numel * _SIZES[buf["dtype"]]
+        nbytes = numel * buffer_dtype(buf["dtype"]).itemsize
         layout[buf["name"]] = (offset, nbytes)
         offset += -(-nbytes // _ALIGN) * _ALIGN
     return layout, offset
@@ -99,7 +99,7 @@ class AOTRunner:
         outputs = {}
         for buf in m["outputs"]:
             shape = [evaluate(e, symbols) for e in buf["shape"]]
-            outputs[buf["name"]] = torch.empty(shape, dtype=_torch_dtype(buf["dtype"]), device=device)
+            outputs[buf["name"]] = torch.empty(shape, dtype=buffer_dtype(buf["dtype"]), device=device)
             pointers[buf["name"]] = outputs[buf["name"]].data_ptr()
         layout, total = workspace_layout(m, symbols)
         workspace = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
@@ -128,8 +128,3 @@ class AOTRunner:
         params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
         _check(self.driver.cuLaunchKernel(function, *grid, *step["block"], step["shared"],
                                           self.driver.CUstream(stream), ctypes.addressof(params), 0))
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "int32": torch.int32, "float16": torch.float16,
-            "bfloat16": torch.bfloat16}[name]
