@@ -10,9 +10,9 @@ from moexport.models import SigmaMoE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def make_layer(dtype=torch.float32, *, k=2, n_experts=6, selection="sigmoid", activation="relu", bias=True,
-               device="cpu"):
-    layer = SigmaMoE(24, n_experts, 8, k, selection=selection, activation=activation, bias=bias, v_dim=20)
+def make_layer(dtype=torch.float32, *, k=2, n_experts=6, expert_size=8, selection="sigmoid", activation="relu",
+               bias=True, device="cpu"):
+    layer = SigmaMoE(24, n_experts, expert_size, k, selection=selection, activation=activation, bias=bias, v_dim=20)
     if bias:
         with torch.no_grad():
             layer.bias.normal_()
@@ -137,12 +137,7 @@ def test_every_experts_sequence_matches_the_reference(mode, finish, n_tokens, dt
     or by the finalize pass after a memset (pass)."""
     from moexport.kernels import configs, ops
 
-    layer = SigmaMoE(24, 6, 32, 2, bias=bias, v_dim=20)
-    if bias:
-        with torch.no_grad():
-            layer.bias.normal_()
-            layer.o_bias.normal_()
-    layer = layer.to(device, dtype).eval()
+    layer = make_layer(dtype, expert_size=32, bias=bias, device=device).eval()
     config = {"mode": mode, "BLOCK_M": 16 if mode == "decode" else 32, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16,
               "num_warps": 4, "num_stages": 2, "finish": finish}
     monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, configs.bucket(n_tokens)), config)
