@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 
 from moexport.core.dtypes import dtype_name
 from moexport.core.errors import MoexportError
+from moexport.core.files import write_atomically
 from moexport.core.progress import progress
 from moexport.exporter.export import load_model
 
@@ -112,6 +112,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise MoexportError(str(onnx_path), "does not exist")
+    if not engine_path.parent.is_dir():
+        raise MoexportError(str(engine_path), "is in a folder that does not exist")
     trt = _backend_module()
     if trt is None:
         raise MoexportError("TensorRT", "is not installed",
@@ -141,18 +143,5 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if engine is None:
         raise MoexportError(str(onnx_path), f"{trt.__name__} {trt.__version__} failed to build an engine",
                             "run with a verbose TensorRT logger for the reason")
-    _write_atomic(engine_path, memoryview(engine))
+    write_atomically(engine_path, lambda tmp: tmp.write_bytes(memoryview(engine)))
     return engine_path
-
-
-def _write_atomic(path: Path, data) -> None:
-    if not path.parent.is_dir():
-        raise MoexportError(str(path), "is in a folder that does not exist")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise

@@ -59,3 +59,9 @@ def test_unreadable_onnx_is_a_clear_error(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     with pytest.raises(MoexportError, match=r"bad.onnx \| is not a readable ONNX model"):
         build_engine(tmp_path / "bad.onnx", tmp_path / "bad.engine")
+
+
+def test_missing_output_folder_is_named_before_building(tmp_path, layer_file):
+    # The dispatch form would fail to parse: the folder is checked first, before any TensorRT work.
+    with pytest.raises(MoexportError, match=r"layer.engine \| is in a folder that does not exist"):
+        build_engine(layer_file, tmp_path / "missing" / "layer.engine", shapes={"x": (1, 8, 16)})
