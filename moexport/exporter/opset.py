@@ -70,7 +70,8 @@ _PLUGIN = [_optional("plugin_namespace", "", "TensorRT plugin namespace."),
 _SELECTION = _optional("selection", "sigmoid", f"One of {', '.join(SELECTIONS)}.")
 
 
-def _input(name: str, type_str: str, optional: bool = False) -> OpSchema.FormalParameter:
+def _formal(name: str, type_str: str, optional: bool = False) -> OpSchema.FormalParameter:
+    """A schema's input or output."""
     option = OpSchema.FormalParameterOption.Optional if optional else OpSchema.FormalParameterOption.Single
     return OpSchema.FormalParameter(name, type_str, param_option=option)
 
@@ -144,23 +145,24 @@ def _infer_sigma_moe(ctx) -> None:
 def _schemas() -> list[OpSchema]:
     topk = OpSchema(
         "TopKDispatch", DOMAIN, VERSION, "Top-k routing by logit with a stable sort of the slots by expert.",
-        inputs=[_input("logits", "tensor(float)")],
-        outputs=[_input("gate", "tensor(float)"), _input("expert", "tensor(int32)"),
-                 _input("sorted_expert", "tensor(int32)"), _input("sorted_slot", "tensor(int32)")],
+        inputs=[_formal("logits", "tensor(float)")],
+        outputs=[_formal("gate", "tensor(float)"), _formal("expert", "tensor(int32)"),
+                 _formal("sorted_expert", "tensor(int32)"), _formal("sorted_slot", "tensor(int32)")],
         attributes=[_K, _SELECTION, *_PLUGIN])
     cvmm = OpSchema(
         "CVMM", DOMAIN, VERSION, "Conditional vector-matrix multiplication over expert-sorted rows.",
-        inputs=[_input("x", "T"), _input("sorted_expert", "tensor(int32)"), _input("src_row", "tensor(int32)"),
-                _input("dst_row", "tensor(int32)"), _input("W", "T"), _input("gate", "tensor(float)", optional=True)],
-        outputs=[_input("out", "tensor(float)")],
+        inputs=[_formal("x", "T"), _formal("sorted_expert", "tensor(int32)"), _formal("src_row", "tensor(int32)"),
+                _formal("dst_row", "tensor(int32)"), _formal("W", "T"),
+                _formal("gate", "tensor(float)", optional=True)],
+        outputs=[_formal("out", "tensor(float)")],
         type_constraints=[("T", _FLOATS, "Operand type.")],
         attributes=[_optional("reduce", 0, "0: write row dst_row; 1: sum into token dst_row // k."),
                     _optional("k", 1, "Slots per token (used by reduce=1)."), *_PLUGIN])
     sigma = OpSchema(
         "SigmaMoE", DOMAIN, VERSION, "The σ-MoE feed-forward layer.",
-        inputs=[_input("x", "T"), _input("expert_sel", "tensor(float)"), _input("keys", "T"), _input("values", "T"),
-                _input("bias", "T", optional=True), _input("o_bias", "T", optional=True)],
-        outputs=[_input("y", "T"), _input("expert", "tensor(int64)", optional=True)],
+        inputs=[_formal("x", "T"), _formal("expert_sel", "tensor(float)"), _formal("keys", "T"), _formal("values", "T"),
+                _formal("bias", "T", optional=True), _formal("o_bias", "T", optional=True)],
+        outputs=[_formal("y", "T"), _formal("expert", "tensor(int64)", optional=True)],
         type_constraints=[("T", _FLOATS, "Model dtype.")],
         attributes=[_K, _SELECTION, _optional("activation", "relu", f"One of {', '.join(ACTIVATIONS)}."),
                     *_PLUGIN])
