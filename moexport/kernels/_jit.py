@@ -1,4 +1,4 @@
-"""Triton helpers shared by every kernel family: matrix product, activations, codes for constexprs.
+"""Triton helpers shared by every kernel family: matrix product, activations, the interpreter flag.
 
 Importing this module imports triton; `moexport.kernels` imports it only when a kernel is used.
 """
