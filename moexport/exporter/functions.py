@@ -252,7 +252,21 @@ def lower(model: onnx.ModelProto, form: str, *, advance=None) -> onnx.ModelProto
 
     The layer's parameters must be initializers; the rewritten layouts are added as new initializers
     (named after the layer's keys) and initializers nobody uses any more are removed.
+
+    Args:
+        model: The model, changed in place.
+        form: One of `FORMS`.
+        advance: Called once per lowered layer (progress). Defaults to none.
+
+    Returns:
+        `model`, its moexport nodes with function bodies (`attach_functions`).
+
+    Raises:
+        MoexportError: An unknown form, a SigmaMoE node with a bad attribute, or a parameter that is
+            not an initializer.
     """
+    if form not in FORMS:
+        raise MoexportError(f"form={form!r}", "is not a form to lower to", f"use one of {', '.join(FORMS)}")
     graph, opset = model.graph, default_opset(model)
     inits = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}

@@ -10,6 +10,7 @@ import moexport
 from moexport.core.dtypes import tolerance_for
 from moexport.core.errors import MoexportError
 from moexport.exporter import export as export_module
+from moexport.exporter import lower
 from moexport.exporter.opset import DOMAIN
 from moexport.models import SigmaMoE, from_preset, preset_config
 from moexport.plugins import ort_session, reference_evaluator
@@ -204,3 +205,10 @@ def test_every_preset_exports_at_reduced_width(tmp_path, name, ffn):
     for mode in MODES if ffn == "sigma_moe" else MODES[:1]:
         path = moexport.export_onnx(model, tmp_path / f"{mode}.onnx", mode=mode)
         assert_close(ort_session(path).run(None, {"input_ids": ids.numpy()})[0], want)
+
+
+def test_lower_names_an_unknown_form(tmp_path):
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch")
+    moexport.fuse(source, tmp_path / "fused.onnx")
+    with pytest.raises(MoexportError, match=r"form='fused' \| is not a form to lower to"):
+        lower(onnx.load(tmp_path / "fused.onnx"), "fused")
