@@ -157,6 +157,7 @@ def function_body(config: dict[str, Any], opset: int) -> onnx.FunctionProto:
 
 
 def default_opset(model: onnx.ModelProto) -> int:
+    """The model's version of the standard ONNX op set (what the bodies it gets are written in)."""
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
@@ -329,6 +330,7 @@ def _initializer(node: onnx.NodeProto, name: str, inits: dict[str, onnx.TensorPr
 
 
 def remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Drop the initializers that no node (nor a subgraph of one) reads and no graph output names."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for node in graph.node:  # subgraphs may read outer-scope initializers
         for attribute in node.attribute:

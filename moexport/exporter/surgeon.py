@@ -63,11 +63,13 @@ class FuseReport:
             self._pending[id(node)] = (node, miss)
 
     def settle(self) -> None:
+        """Move the pending misses of the layers still in the graph (not fused by any pass) to `misses`."""
         self.misses += [f"{node.op} {node.name!r}: {miss.reason}" for node, miss in self._pending.values() if node.outputs]
         self._pending.clear()
 
     @property
     def changed(self) -> bool:
+        """True when some pass rewrote at least one site."""
         return any(self.fused.values())
 
     def __str__(self) -> str:

@@ -56,9 +56,10 @@ def load_plugins() -> list[str]:
 
 def _bounds(name: str, value) -> tuple[tuple[int, ...], ...]:
     """(min, opt, max) of one input from its `shapes` entry: one shape stands for all three."""
-    if isinstance(value, (tuple, list)) and all(isinstance(d, int) for d in value):
+    sequence = (tuple, list)
+    if isinstance(value, sequence) and all(isinstance(d, int) for d in value):
         return (tuple(value),) * 3
-    if isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(b, (tuple, list)) for b in value):
+    if isinstance(value, sequence) and len(value) == 3 and all(isinstance(b, sequence) for b in value):
         return tuple(tuple(b) for b in value)
     raise MoexportError(f"shapes[{name!r}] = {value!r}", "is neither one shape nor (min, opt, max) shapes",
                         "give a full shape such as (1, 8, 16), or three of them")
