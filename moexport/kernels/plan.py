@@ -35,6 +35,9 @@ class Buffer:
 
 @dataclass(frozen=True)
 class Step:
+    """One kernel launch: grid expressions, runtime arguments by parameter name (a buffer name, an
+    integer expression, or None for a null pointer), compile-time constants, warps and stages."""
+
     kernel: str  # "<module>.<function>" inside moexport.kernels
     grid: tuple[str, ...]
     args: dict[str, str | None]
@@ -45,6 +48,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Plan:
+    """An operation as a fixed launch sequence: its buffers and its steps, in order."""
+
     name: str
     inputs: tuple[Buffer, ...]
     outputs: tuple[Buffer, ...]
