@@ -103,13 +103,16 @@ class _Layer:
 
 
 def _agreement(layer: _Layer, x, y, ref) -> dict:
-    """Error against the baseline over tokens routed alike, and the tokens routed differently (a
-    row off by > 5%): how many, and the largest gap between their k-th and (k+1)-th logits."""
+    """Error against the baseline over tokens routed alike (0 when there are none), and the tokens
+    routed differently (a row off by > 5%): how many, and the largest gap between their k-th and
+    (k+1)-th logits."""
     rel = (y.float() - ref.float()).norm(dim=1) / ref.float().norm(dim=1).clamp_min(1e-6)
     flipped = rel > 0.05
     alike = ~flipped
-    out = {"max_err": float((y[alike].float() - ref[alike].float()).abs().max() / ref.float().abs().max()),
-           "flips": int(flipped.sum())}
+    max_err = 0.0
+    if alike.any():  # T = 1 with its token a near-tie has none (max() of nothing raises)
+        max_err = float((y[alike].float() - ref[alike].float()).abs().max() / ref.float().abs().max())
+    out = {"max_err": max_err, "flips": int(flipped.sum())}
     if out["flips"]:
         top = F.linear(x[flipped].float(), layer.sel.float()).topk(layer.k + 1, dim=-1).values
         out["flip_margin"] = float((top[:, -2] - top[:, -1]).max())
