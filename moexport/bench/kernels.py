@@ -186,8 +186,8 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     d, E, G, k = SHAPES[name]
     default = experts_config(d, E, G, d, k, bucket(T))
     if sequences:
-        sequences = [(mode, finish) for mode in ("fused", "split") for finish in ("inline", "pass")]
-        variants = [] if T <= DECODE_MAX_TOKENS else [dict(default, mode=m, finish=f) for m, f in sequences]
+        pairs = [(mode, finish) for mode in ("fused", "split") for finish in ("inline", "pass")]
+        variants = [] if T <= DECODE_MAX_TOKENS else [dict(default, mode=m, finish=f) for m, f in pairs]
         return [default] + [c for c in variants if c != default]
     fields = ("BLOCK_M", "BLOCK_G", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages")
     if T <= DECODE_MAX_TOKENS:
