@@ -45,6 +45,11 @@ def _shape(x, expert_sel, keys, values, bias, k, selection, activation) -> plans
     return plans.MoEShape(d, E, G, values.shape[-1], k, dtype_name(x.dtype), selection, activation, bias is not None)
 
 
+# (token bucket, dtype, keys shape, v_dim, k, selection, activation, bias) -> plan: a repeated call
+# skips building the shape key; `run_plan` still checks every input's shape against the plan
+_LAYER_PLANS: dict[tuple, plans.Plan] = {}
+
+
 def _layer_plan(x, expert_sel, keys, values, bias, k, selection, activation) -> plans.Plan:
     key = (bucket(x.shape[0]), x.dtype, tuple(keys.shape), values.shape[-1], k, selection, activation,
            bias is not None)
@@ -66,10 +71,6 @@ def _sigma_moe(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Tensor, va
     plan = _layer_plan(x, expert_sel, keys, values, bias, k, selection, activation)
     return _run_layer(plan, x, expert_sel, keys, values, bias, o_bias)
 
-
-# (token bucket, dtype, keys shape, v_dim, k, selection, activation, bias) -> plan: a repeated call
-# skips building the shape key; `run_plan` still checks every input's shape against the plan
-_LAYER_PLANS: dict[tuple, plans.Plan] = {}
 
 _sigma_moe_op = torch.library.custom_op("moexport::sigma_moe", _sigma_moe, mutates_args=())
 
