@@ -109,38 +109,42 @@ def test_an_unrelated_graph_is_left_unchanged(tmp_path):
     assert onnx.load(tmp_path / "out.onnx").graph == onnx.load(tmp_path / "plain.onnx").graph
 
 
+def fuse_edited(tmp_path, edit):
+    """Export a dispatch-form layer, apply `edit` to its ModelProto, save it and fuse it."""
+    model = onnx.load(moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch"))
+    edit(model)
+    onnx.save(model, tmp_path / "edited.onnx")
+    return moexport.fuse(tmp_path / "edited.onnx", tmp_path / "out.onnx")
+
+
 def test_a_layer_whose_intermediate_is_used_elsewhere_is_not_fused(tmp_path):
-    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch")
-    model = onnx.load(source)
-    cvmm = next(n for n in model.graph.node if n.op_type == "CVMM")
-    hidden = helper.make_tensor_value_info(cvmm.output[0], TensorProto.FLOAT, ["slots", 8])
-    model.graph.output.append(hidden)  # expose the hidden units
-    onnx.save(model, tmp_path / "exposed.onnx")
-    report = moexport.fuse(tmp_path / "exposed.onnx", tmp_path / "out.onnx")
+    def expose_hidden_units(model):
+        cvmm = next(n for n in model.graph.node if n.op_type == "CVMM")
+        model.graph.output.append(helper.make_tensor_value_info(cvmm.output[0], TensorProto.FLOAT, ["slots", 8]))
+
+    report = fuse_edited(tmp_path, expose_hidden_units)
     assert not report.changed
     assert any("also used outside the layer" in miss for miss in report.misses)
 
 
 def test_a_layer_whose_weights_are_graph_inputs_is_not_fused(tmp_path):
-    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch")
-    model = onnx.load(source)
-    values = next(t for t in model.graph.initializer if t.name == "values")
-    model.graph.initializer.remove(values)
-    model.graph.input.append(helper.make_tensor_value_info(values.name, values.data_type, values.dims))
-    onnx.save(model, tmp_path / "fed.onnx")
-    report = moexport.fuse(tmp_path / "fed.onnx", tmp_path / "out.onnx")
+    def feed_values_as_input(model):
+        values = next(t for t in model.graph.initializer if t.name == "values")
+        model.graph.initializer.remove(values)
+        model.graph.input.append(helper.make_tensor_value_info(values.name, values.data_type, values.dims))
+
+    report = fuse_edited(tmp_path, feed_values_as_input)
     assert not report.changed
     assert any("weights are not all constants" in miss for miss in report.misses)
 
 
 def test_a_changed_constant_is_the_nearest_miss(tmp_path):
-    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch")
-    model = onnx.load(source)
-    div = next(n for n in model.graph.node if n.op_type == "Div")  # src_row = sorted_slot // k
-    constant = next(n for n in model.graph.node if n.output[0] == div.input[1])
-    constant.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array(3, np.int32)))
-    onnx.save(model, tmp_path / "changed.onnx")
-    report = moexport.fuse(tmp_path / "changed.onnx", tmp_path / "out.onnx")
+    def change_k_of_the_row_division(model):
+        div = next(n for n in model.graph.node if n.op_type == "Div")  # src_row = sorted_slot // k
+        constant = next(n for n in model.graph.node if n.output[0] == div.input[1])
+        constant.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array(3, np.int32)))
+
+    report = fuse_edited(tmp_path, change_k_of_the_row_division)
     assert not report.changed
     assert any("nearest miss" in miss and "differs from the template" in miss for miss in report.misses)
 
