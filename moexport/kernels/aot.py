@@ -21,10 +21,10 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from moexport.core.errors import MoexportError
+from moexport.core.files import write_atomically
 from moexport.kernels.host import kernel
 from moexport.kernels.plan import Plan
 
@@ -64,12 +64,7 @@ def _is_buffer(plan: Plan, name: str) -> bool:
 
 
 def _write(path: Path, data: bytes | str) -> None:
-    """Write through a temporary file in the same folder, so no half-written file is left."""
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data))
 
 
 def compile_plan(plan: Plan, out_dir: str | os.PathLike, *, sm: int | None = None,
