@@ -17,6 +17,7 @@ from polygraphy.logger import G_LOGGER
 from moexport.core.dtypes import Tolerance, dtype_name, tolerance_for
 from moexport.core.errors import MoexportError
 from moexport.core.shapes import parse_shapes
+from moexport.exporter.export import load_model
 from moexport.validate.compare import compare_numeric, compare_routing
 from moexport.validate.inputs import concrete_metadata, make_inputs
 from moexport.validate.report import ValidationReport
@@ -142,10 +143,7 @@ def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitSta
     not graph outputs; marking them as outputs (in a temporary copy) lets routing be compared without
     re-exporting.
     """
-    try:
-        model = onnx.load(str(path))
-    except Exception as error:  # onnx raises DecodeError, OSError, ...: all mean "not a readable model"
-        raise MoexportError(str(path), f"is not a readable ONNX model ({type(error).__name__}: {error})") from None
+    model = load_model(path)
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     metadata = TensorMetadata()
