@@ -40,7 +40,7 @@ DEVICE = "cuda"
 
 COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_mm_ms", "moe_ms", "moe_cached_ms",
            "floor_ms", "moe_host_us", "moe_cached_host_us", "dense_param_graph_ms", "dense_compute_graph_ms",
-           "moe_graph_ms", "vs_param", "vs_compute", "vs_compute_graph", "vs_grouped_mm", "max_err", "flips"]
+           "moe_graph_ms", "vs_param", "vs_param_graph", "vs_compute", "vs_compute_graph", "vs_grouped_mm", "max_err", "flips"]
 
 
 def floor_ms(d: int, E: int, G: int, k: int, T: int) -> float:
@@ -132,12 +132,12 @@ def _host_us(fn, n: int = 100) -> float:
 
 
 def _mode(name: str, T: int) -> str:
-    """The sequence and (if not decode) how y is rounded, e.g. 'fused, pass'."""
+    """The sequence and how a token's k contributions are summed, e.g. 'fused, pass'."""
     from moexport.kernels.configs import bucket, experts_config
 
     d, E, G, k = SHAPES[name]
     cfg = experts_config(d, E, G, d, k, bucket(T))
-    return cfg["mode"] if cfg["mode"] == "decode" else f"{cfg['mode']}, {cfg.get('finish', 'inline')}"
+    return f"{cfg['mode']}, {cfg.get('finish', 'inline')}"
 
 
 def measure(name: str, T: int, *, graph: bool = True) -> dict:
@@ -179,22 +179,31 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
 
 def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     """Experts configs worth timing for a shape and token count (see `configs.experts_config`):
-    tile configs, or with `sequences` the shipped tiles in each dispatched sequence (fused, split)
-    and rounding (inline, pass)."""
-    from moexport.kernels.configs import DECODE_MAX_TOKENS, bucket, experts_config
+    tile configs, or with `sequences` each sequence and summation (`finish`) with the shipped tiles:
+    up to 64 tokens the gather sequence, up to 1024 also gather tiles against the fused sequence,
+    beyond fused and split."""
+    from moexport.kernels.configs import GATHER_MAX_TOKENS, bucket, experts_config
 
     d, E, G, k = SHAPES[name]
     default = experts_config(d, E, G, d, k, bucket(T))
     if sequences:
-        pairs = [(mode, finish) for mode in ("fused", "split") for finish in ("inline", "pass")]
-        variants = [] if T <= DECODE_MAX_TOKENS else [dict(default, mode=m, finish=f) for m, f in pairs]
+        finishes = ("inline", "atomic") if T <= 1024 else ("inline", "pass", "atomic")
+        if T <= GATHER_MAX_TOKENS:
+            shapes = [default]
+        elif T <= 1024:
+            shapes = [dict(default, mode="fused")] + [
+                {"mode": "gather", "BLOCK_M": m, "BLOCK_G": g, "BLOCK_D": 128, "BLOCK_N": 128, "num_warps": w,
+                 "num_stages": 3} for m, g, w in ((32, 32, 4), (32, 64, 4), (64, 32, 8), (64, 64, 8))]
+        else:
+            shapes = [dict(default, mode=m) for m in ("fused", "split")]
+        variants = [dict(c, finish=f) for c in shapes for f in finishes]
         return [default] + [c for c in variants if c != default]
     fields = ("BLOCK_M", "BLOCK_G", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages")
-    if T <= DECODE_MAX_TOKENS:
+    if T <= GATHER_MAX_TOKENS:
         grid = [(16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3), (32, 256, 256, 8, 3),
                 (32, 64, 64, 4, 4), (16, 512, 512, 8, 2), (32, 512, 256, 8, 2), (64, 256, 256, 8, 3)]
         grid = [(default["BLOCK_M"], *c) for c in grid]
-        mode = "decode"
+        mode = "gather"
     elif T <= 1024:
         grid = [(16, 32, 64, 128, 4, 3), (32, 32, 64, 128, 4, 3), (32, 64, 64, 128, 4, 3), (32, 128, 64, 64, 4, 3),
                 (16, 32, 256, 256, 4, 3), (32, 64, 128, 128, 4, 4), (32, 128, 128, 128, 8, 3),
@@ -206,7 +215,7 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
                 (128, 128, 128, 64, 8, 2)]
         mode = "fused"
     out = [default] + [dict(zip(fields, c), mode=mode) for c in grid]
-    if T > DECODE_MAX_TOKENS:
+    if T > GATHER_MAX_TOKENS:
         out.append({"mode": "split"})
     unique = []
     for c in out:
@@ -280,7 +289,7 @@ def _kernel_us(fn, n: int = 5) -> dict:
 
 def tune(name: str, T: int, *, sequences: bool = False) -> dict:
     """Time every candidate experts config of one shape and token count (eager and graph replay),
-    checking each one's output against torch._grouped_mm; returns them all, best (eager) first."""
+    checking each one's output against torch._grouped_mm; returns them all, the best first."""
     d, E, G, k = SHAPES[name]
     layer = _Layer(d, E, G, k)
     x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
@@ -298,7 +307,8 @@ def tune(name: str, T: int, *, sequences: bool = False) -> dict:
     from moexport.kernels import configs
 
     ok = [t for t in timings if t["max_err"] < 0.02]
-    ok.sort(key=lambda t: t["ms"])
+    # up to 1024 tokens eager calls can be host-bound, which configs do not change: rank by GPU time
+    ok.sort(key=lambda t: t["graph_ms"] if T <= 1024 else t["ms"])
     cell = {"shape": name, "T": T, "key": list(_tuned_key(name, T)), "best": ok[0]["config"] if ok else None,
             "dense_param_ms": _time(lambda: layer.dense(x, layer.w1, layer.w2)),
             "dense_compute_ms": _time(lambda: layer.dense(x, layer.c1, layer.c2)), "timings": timings}
@@ -422,11 +432,12 @@ the host issues the call meanwhile, so an eager time is the GPU time whenever th
   launch, y copied out into a fresh tensor (both copies are in the time), at every T here.
 - `*_host_us` (JSON: also dense): host time per call, measured apart (100 calls back to back).
 - `*_graph_ms`: the call replayed from a CUDA graph the caller captured (σ-MoE and both dense FFNs).
-`path`: decode (route, experts: each selected expert's weights streamed once, nothing sorted), fused
-(route, dispatch, experts: up, activation and down per row tile) or split (route, dispatch, up CVMM,
-down CVMM); then how y is rounded: inline (the route kernel zeroes the float32 accumulator, the
-last contributor of a row rounds it in the last launch; decode always) or pass (memset first,
-finalize launch last). Configs: see `configs` above. Targets, and the comparison each uses:
+`path`: gather (route, experts: each expert's programs find their tokens themselves, nothing sorted,
+no dispatch launch), fused (route, dispatch, experts: up, activation and down per row tile) or split
+(route, dispatch, up CVMM, down CVMM); then how a token's k contributions are summed: inline (float32
+accumulator zeroed by the route kernel, the last contributor of a row rounds it in the last launch),
+pass (float32 accumulator: memset first, finalize launch last) or atomic (added straight into y in
+bf16, which the route kernel zeroes: one rounding per add). Configs: see `configs` above. Targets, and the comparison each uses:
 `vs_param` = moe_ms / dense_param_ms (< 1 for T >= 256; <= 0.3 for WT103-big at T = 32768);
 `vs_compute` = moe_ms / dense_compute_ms and `vs_compute_graph` = moe_graph_ms /
 dense_compute_graph_ms: <= 2 for T <= 16; `vs_grouped_mm` = grouped_mm_ms / moe_ms (>= 3); all

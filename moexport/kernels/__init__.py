@@ -1,4 +1,4 @@
-"""Triton kernels for σ-MoE: routing, CVMM grouped GEMMs, the decode path, and their AOT compilation.
+"""Triton kernels for σ-MoE: routing, CVMM grouped GEMMs, the gather path, and their AOT compilation.
 
 Importing this package does not import triton: the functions below load their modules when first
 used, and the `SigmaMoE` fast path is registered with `moexport.core.accel` for CUDA inputs when

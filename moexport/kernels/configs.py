@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# Largest token count of the decode path (one token block; every selected expert read once).
-DECODE_MAX_TOKENS = 64
+# Largest token count for which the defaults take the gather path (no dispatch launch; every selected
+# expert's weights read once per row block); TUNED entries may take it further.
+GATHER_MAX_TOKENS = 64
 
 # Streaming multiprocessors to keep busy (H100 / H200: 132).
 SMS = 132
@@ -34,23 +35,23 @@ def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
 # ('finish') of the buckets >= 4096 are the picks of the round-3 `--tune --sequences` sweep
 # (bench/results/kernels_sequences_h200.json; split ignores the experts tiles).
 TUNED: dict[tuple, dict[str, Any]] = {
-    ("experts", 412, 16, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # small 1
-    ("experts", 412, 16, 128, 412, 4, 16): _experts("decode", 16, 16, 128, 128, 4, 3),  # small 16
+    ("experts", 412, 16, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # small 1
+    ("experts", 412, 16, 128, 412, 4, 16): _experts("gather", 16, 16, 128, 128, 4, 3),  # small 16
     ("experts", 412, 16, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # small 256
     ("experts", 412, 16, 128, 412, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 3, "pass"),  # small 4096
     ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # small 32768
-    ("experts", 1024, 32, 128, 1024, 4, 1): _experts("decode", 16, 32, 256, 256, 8, 3),  # big 1
-    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("decode", 16, 32, 256, 256, 8, 3),  # big 16
+    ("experts", 1024, 32, 128, 1024, 4, 1): _experts("gather", 16, 32, 256, 256, 8, 3),  # big 1
+    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("gather", 16, 32, 256, 256, 8, 3),  # big 16
     ("experts", 1024, 32, 128, 1024, 4, 256): _experts("fused", 16, 64, 256, 128, 4, 3),  # big 256
     ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4),  # big 4096
     ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # big 32768
-    ("experts", 412, 128, 128, 412, 4, 1): _experts("decode", 16, 16, 512, 512, 8, 2),  # 238M 1
-    ("experts", 412, 128, 128, 412, 4, 16): _experts("decode", 16, 32, 128, 128, 4, 3),  # 238M 16
+    ("experts", 412, 128, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # 238M 1
+    ("experts", 412, 128, 128, 412, 4, 16): _experts("gather", 16, 32, 128, 128, 4, 3),  # 238M 16
     ("experts", 412, 128, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # 238M 256
     ("experts", 412, 128, 128, 412, 4, 4096): _experts("split", 128, 128, 128, 64, 8, 2, "pass"),  # 238M 4096
     ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # 238M 32768
-    ("experts", 2048, 64, 256, 2048, 8, 1): _experts("decode", 16, 64, 256, 256, 8, 3),  # large 1
-    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("decode", 16, 64, 256, 256, 8, 3),  # large 16
+    ("experts", 2048, 64, 256, 2048, 8, 1): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 1
+    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 16
     ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3),  # large 256
     ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("split", 128, 128, 64, 64, 8, 4, "pass"),  # large 4096
     ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4, "pass"),  # large 32768
@@ -102,20 +103,20 @@ def _pow2_below(x: float) -> int:
 def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int, n_bucket: int) -> dict[str, Any]:
     """How the inference forward runs the experts for a layer shape and token bucket.
 
-    `mode`: 'decode' (no dispatch; one program per expert and hidden chunk of BLOCK_G units, all
-    BLOCK_M >= N tokens masked by choice), 'fused' (row tiles of BLOCK_M dispatched rows, up and
-    down in one program) or 'split' (two CVMM launches, configs of `tile_config`). `finish`:
-    'inline' or 'pass' (see `plan.sigma_moe_plan`; decode is always inline). The defaults give
-    every SM a couple of programs; `TUNED` overrides them with measured ones.
+    `mode`: 'gather' (no dispatch; one program per expert and hidden chunk of BLOCK_G units takes
+    the tokens that chose its expert BLOCK_M at a time), 'fused' (row tiles of BLOCK_M dispatched
+    rows, up and down in one program) or 'split' (two CVMM launches, configs of `tile_config`).
+    `finish`: 'inline', 'pass' or 'atomic' (see `plan.sigma_moe_plan`). The defaults give every SM
+    a couple of programs; `TUNED` overrides them with measured ones.
     """
     key = ("experts", d, n_experts, expert_size, v_dim, k, n_bucket)
     if key in TUNED:
         return dict(TUNED[key])
     G = expert_size
-    if n_bucket <= DECODE_MAX_TOKENS:
+    if n_bucket <= GATHER_MAX_TOKENS:
         used = n_experts * (1 - (1 - k / n_experts) ** n_bucket)  # experts expected to be chosen
         block_g = min(64, pow2(G), max(16, _pow2_below(used * G / (2 * SMS))))
-        return {"mode": "decode", "BLOCK_M": pow2(n_bucket), "BLOCK_G": block_g, "BLOCK_D": 128, "BLOCK_N": 128,
+        return {"mode": "gather", "BLOCK_M": pow2(n_bucket), "BLOCK_G": block_g, "BLOCK_D": 128, "BLOCK_N": 128,
                 "num_warps": 4, "num_stages": 3, "finish": "inline"}
     rows = n_bucket * k // n_experts
     block_m = min(128, pow2(rows))

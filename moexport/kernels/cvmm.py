@@ -7,8 +7,9 @@ input rows are gathered through `src`, and one of three epilogues runs on each t
 
 - EPILOGUE 0, store: (+ bias[e]) -> activation -> (* gate) -> out[dst] in the output dtype; the
   float32 pre-activation can be kept for the backward pass.
-- EPILOGUE 1, reduce: gate * tile added in float32 (atomics) into out[dst // DST_DIV]: the k
-  contributions of a token meet in a float32 accumulator, never as [N*k, d] rows in memory. With
+- EPILOGUE 1, reduce: gate * tile added (atomics, in out's dtype: a float32 accumulator, or y
+  itself) into out[dst // DST_DIV]: the k contributions of a token never meet as [N*k, d] rows in
+  memory. With
   y_ptr, the last of a token's DST_DIV contributions to a column tile rounds it into y
   (`experts.finish_rows`, counters [N, column tiles] zeroed by the route kernel).
 - EPILOGUE 2, backward through gate and activation: the tile is dL/dh (without the gate); it writes
@@ -26,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moexport.kernels._jit import activate, activate_grad, mma
+from moexport.kernels._jit import activate, activate_grad, add_into, mma
 from moexport.kernels.experts import finish_rows
 
 
@@ -91,7 +92,7 @@ def cvmm_kernel(
         if gate_ptr is not None:
             acc = acc * g[:, None]
         tok = dst // DST_DIV
-        tl.atomic_add(out_ptr + tok.to(tl.int64)[:, None] * N_OUT + n[None, :], acc, mask=ok, sem="relaxed")
+        add_into(out_ptr + tok.to(tl.int64)[:, None] * N_OUT + n[None, :], acc, ok)
         if y_ptr is not None:
             col = tl.program_id(0) % n_col
             finish_rows(out_ptr, count_ptr + tok * n_col + col, o_bias_ptr, y_ptr, tok, row_ok, col * BLOCK_N,

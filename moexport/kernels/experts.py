@@ -3,27 +3,33 @@ block of rows of one expert in one program, so the hidden activations never leav
 
 `experts_kernel` runs one program per (row block, chunk of BLOCK_G hidden units). It computes
 h = act(x[tok] @ keys[e][:, chunk] + bias) for the block (rounded once to the model dtype, as the
-reference), then gate * h @ values[e][chunk, :], added in float32 (atomics) into the token rows of
-the accumulator. Two ways to find the rows:
+reference), then gate * h @ values[e][chunk, :], added (atomics) into the token rows of the
+accumulator. Two ways to find the rows:
 
-- DISPATCHED = False (decode, few tokens): the block is every token (BLOCK_M >= N), one program per
-  (expert, chunk); rows whose token did not choose e are masked, and a program whose expert no
-  token chose exits at once. Nothing is sorted: each selected expert's weights are streamed once.
+- DISPATCHED = False (gather: decode and a few hundred tokens): one program per (expert, chunk)
+  scans the routing for the tokens that chose its expert and takes them BLOCK_M at a time
+  (`_gathered_rows`); an expert no token chose costs one scan. Nothing is sorted and there is no
+  dispatch launch: each selected expert's weights are streamed once per row block.
 - DISPATCHED = True: row tiles of the dispatch plan (tile map, offsets, sorted slots of
   `routing.dispatch_kernel`), round-robin over experts, so tiles running together cover the same
   tokens and a token's k adds meet in L2.
 
-The output is rounded in the same launch: after its adds, a program counts one contribution per
-row (`count`, zeroed by the route kernel); the program that brings a token's count to k * chunks
-reads the finished float32 row back and writes y = acc + o_bias in the model dtype
-(`finish_rows`). A float32 layer without output bias adds into y directly and skips the count.
+Three ways to sum a token's k contributions (`plan.sigma_moe_plan`'s `finish`):
+- inline: float32 adds into an accumulator; after its adds a program counts one contribution per
+  row (`count`, zeroed by the route kernel), and the program that brings a token's count to
+  k * chunks reads the finished row back and writes y = acc + o_bias in the model dtype
+  (`finish_rows`);
+- pass: float32 adds into an accumulator that a finalize launch rounds (y_ptr None here);
+- atomic: adds straight into y in its dtype (prefilled with o_bias by the route kernel; y_ptr
+  None): no accumulator, no second pass, but one rounding per add in half precision. Float32
+  layers always add into y this way.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from moexport.kernels._jit import activate, mma
+from moexport.kernels._jit import activate, add_into, mma
 
 
 @triton.jit
@@ -51,49 +57,39 @@ def finish_rows(acc_ptr, count_ptrs, o_bias_ptr, y_ptr, tok, row_ok, n_first,
 
 
 @triton.jit
-def _decode_rows(expert_ptr, gate_ptr, N, e, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows of the token block that chose expert e: (token, summed gate, row mask)."""
-    t = tl.arange(0, BLOCK_M)
+def _gathered_rows(expert_ptr, gate_ptr, N, e, r0,
+                   K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_M of expert e's token list (the tokens that chose e, in token order),
+    found by scanning the routing BLOCK_S tokens at a time: (token, gate, row mask, list length).
+
+    A token's position in the list is the running count of earlier choosers; each row takes the
+    token whose position it is, so the list is compacted without sorting or a second launch."""
+    i = r0 + tl.arange(0, BLOCK_M)
     j = tl.arange(0, BLOCK_K)
-    ok = (t[:, None] < N) & (j[None, :] < K)
-    chose = ok & (tl.load(expert_ptr + t[:, None] * K + j[None, :], mask=ok, other=-1) == e)
-    gate = tl.sum(tl.load(gate_ptr + t[:, None] * K + j[None, :], mask=chose, other=0.0), axis=1)
-    return t, gate, tl.max(chose.to(tl.int32), axis=1) > 0
+    tok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    gate = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    seen = tl.full((), 0, tl.int32)
+    for t0 in range(0, N, BLOCK_S):
+        t = t0 + tl.arange(0, BLOCK_S)
+        ok = (t[:, None] < N) & (j[None, :] < K)
+        chose = ok & (tl.load(expert_ptr + t[:, None] * K + j[None, :], mask=ok, other=-1) == e)
+        g = tl.sum(tl.load(gate_ptr + t[:, None] * K + j[None, :], mask=chose, other=0.0), axis=1)
+        hit = tl.max(chose.to(tl.int32), axis=1)
+        at = seen + tl.cumsum(hit, axis=0) - 1
+        match = (hit[None, :] > 0) & (at[None, :] == i[:, None])
+        tok += tl.sum(tl.where(match, t[None, :], 0), axis=1)
+        gate += tl.sum(tl.where(match, g[None, :], 0.0), axis=1)
+        seen += tl.sum(hit, axis=0)
+    return tok, gate, i < seen, seen
 
 
 @triton.jit
-def experts_kernel(
-    # layer
-    x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr,
-    # routing: gate and expert [N, K] (decode), or the dispatch plan
-    gate_ptr, expert_ptr, offsets_ptr, tile_map_ptr, sorted_slot_ptr,
-    # float32 accumulator [N, DV] (zeroed), contribution counters [N] (zeroed), output (None: acc is y)
-    acc_ptr, count_ptr, y_ptr,
-    N,
-    E: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
-    ACTIVATION: tl.constexpr, DISPATCHED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    NG: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
-    if DISPATCHED:
-        rt = tl.program_id(0) // NG
-        chunk = tl.program_id(0) % NG
-        if rt >= tl.load(tile_map_ptr):
-            return
-        code = tl.load(tile_map_ptr + 1 + rt)
-        e = code % E
-        p = tl.load(offsets_ptr + e) + (code // E) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = p < tl.load(offsets_ptr + e + 1)
-        slot = tl.load(sorted_slot_ptr + p, mask=row_ok, other=0)
-        tok = slot // K
-        gate = tl.load(gate_ptr + slot, mask=row_ok, other=0.0)
-    else:
-        e = tl.program_id(0)
-        chunk = tl.program_id(1)
-        tok, gate, row_ok = _decode_rows(expert_ptr, gate_ptr, N, e, K, BLOCK_M, BLOCK_K)
-        if tl.max(row_ok.to(tl.int32), axis=0) == 0:
-            return
+def _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
+                 tok, gate, row_ok, e, chunk,
+                 D: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, NG: tl.constexpr,
+                 ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Up, activation and gated down projection of one block of rows of expert e, hidden chunk `chunk`."""
     g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * D
     k_cols = keys_ptr + e.to(tl.int64) * D * G + g[None, :]
@@ -112,7 +108,47 @@ def experts_kernel(
     for n0 in range(0, DV, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         v = tl.load(v_rows + n[None, :], mask=(g[:, None] < G) & (n[None, :] < DV), other=0.0)
-        part = mma(h, v) * gate[:, None]
-        tl.atomic_add(out_rows + n[None, :], part, mask=row_ok[:, None] & (n[None, :] < DV), sem="relaxed")
+        add_into(out_rows + n[None, :], mma(h, v) * gate[:, None], row_ok[:, None] & (n[None, :] < DV))
     if y_ptr is not None:
         finish_rows(acc_ptr, count_ptr + tok, o_bias_ptr, y_ptr, tok, row_ok, 0, K * NG, DV, DV, BLOCK_N)
+
+
+@triton.jit
+def experts_kernel(
+    # layer
+    x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr,
+    # routing: gate and expert [N, K] (gathered), or the dispatch plan
+    gate_ptr, expert_ptr, offsets_ptr, tile_map_ptr, sorted_slot_ptr,
+    # accumulator [N, DV] (prefilled), contribution counters [N] (zeroed), output (None: acc is y)
+    acc_ptr, count_ptr, y_ptr,
+    N,
+    E: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+    ACTIVATION: tl.constexpr, DISPATCHED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    NG: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
+    if DISPATCHED:
+        rt = tl.program_id(0) // NG
+        chunk = tl.program_id(0) % NG
+        if rt >= tl.load(tile_map_ptr):
+            return
+        code = tl.load(tile_map_ptr + 1 + rt)
+        e = code % E
+        p = tl.load(offsets_ptr + e) + (code // E) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = p < tl.load(offsets_ptr + e + 1)
+        slot = tl.load(sorted_slot_ptr + p, mask=row_ok, other=0)
+        _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
+                     slot // K, tl.load(gate_ptr + slot, mask=row_ok, other=0.0), row_ok, e, chunk,
+                     D, G, DV, K, NG, ACTIVATION, BLOCK_M, BLOCK_G, BLOCK_D, BLOCK_N)
+    else:
+        e = tl.program_id(0)
+        chunk = tl.program_id(1)
+        tok, gate, row_ok, n_rows = _gathered_rows(expert_ptr, gate_ptr, N, e, 0, K, BLOCK_M, BLOCK_S, BLOCK_K)
+        for r0 in range(0, n_rows, BLOCK_M):
+            if r0 > 0:  # the first block came with the list's length
+                tok, gate, row_ok, n_rows_again = _gathered_rows(expert_ptr, gate_ptr, N, e, r0, K, BLOCK_M,
+                                                                 BLOCK_S, BLOCK_K)
+            _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
+                         tok, gate, row_ok, e, chunk, D, G, DV, K, NG, ACTIVATION, BLOCK_M, BLOCK_G, BLOCK_D,
+                         BLOCK_N)

@@ -93,7 +93,7 @@ def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Ten
                       cuda_graph: bool | None = None) -> torch.Tensor:
     """Inference forward of a σ-MoE layer on the kernels: x [..., d] -> y [..., v_dim].
 
-    Few tokens run the decode sequence (2 launches), more the dispatched one (3 to 5 launches; see
+    Few tokens run the gather sequence (2 launches), more the dispatched one (3 to 5 launches; see
     `plan.sigma_moe_plan`); none synchronises with the host, so the call can be captured in a
     CUDA graph. Under torch.compile, torch.export or a dispatch mode it is the custom op
     `moexport::sigma_moe`; a plain eager call skips the op's dispatcher and launches the same plan

@@ -21,6 +21,10 @@ from moexport.kernels.configs import bucket, experts_config, pow2, tile_config
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 SELECTION_CODES = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
 
+# Size of the gather path's match tile [BLOCK_M, tokens scanned at a time]: registers, so that a
+# 4-warp program holds it next to its matrix tiles without spilling (32 per thread)
+GATHER_SCAN = 4096
+
 
 @dataclass(frozen=True)
 class Buffer:
@@ -57,7 +61,7 @@ class Plan:
     steps: tuple[Step, ...]
     # symbols computed from the ones read off input shapes, in order, e.g. (("S", "N * 4"),)
     derived: tuple[tuple[str, str], ...] = ()
-    # the configs were chosen for token counts up to this; the decode plan cannot run more
+    # the configs were chosen for token counts up to this
     max_tokens: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -102,9 +106,10 @@ class MoEShape:
 
 
 def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: bool = False,
-                zero: str | None = None, count: str | None = None, count_cols: int = 1) -> Step:
-    """Routing of N tokens; also zeroes the float32 buffer `zero` [N, v_dim] and the int32
-    counters `count` [N, count_cols] that the expert kernels add into."""
+                fill: str | None = None, fill_row: str | None = None, count: str | None = None,
+                count_cols: int = 1) -> Step:
+    """Routing of N tokens; also sets the rows of `fill` [N, v_dim] that the expert kernels add into
+    to the vector `fill_row` (or zeros) and zeroes their int32 counters `count` [N, count_cols]."""
     cfg = tile_config("route", s.d, s.n_experts, n, rows_per_expert=0)
     has_x = source == "x"
     item = 2 if s.dtype in ("float16", "bfloat16") else 4
@@ -113,9 +118,9 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
         {"x_ptr": "x" if has_x else None, "sel_ptr": "expert_sel" if has_x else None,
          "logits_ptr": "logits" if (not has_x or logits_out) else None,
          "gate_ptr": "gate", "expert_ptr": "expert", "counts_ptr": "counts" if counts else None,
-         "zero_ptr": zero, "count_ptr": count, "N": "N"},
+         "fill_ptr": fill, "fill_row_ptr": fill_row, "count_ptr": count, "N": "N"},
         {"E": s.n_experts, "D": s.d, "K": s.k, "SELECTION": SELECTION_CODES[s.selection], "HAS_X": has_x,
-         "STORE_LOGITS": logits_out, "STORE_COUNTS": counts, "ZERO_COLS": s.v_dim, "COUNT_COLS": count_cols,
+         "STORE_LOGITS": logits_out, "STORE_COUNTS": counts, "FILL_COLS": s.v_dim, "COUNT_COLS": count_cols,
          "BLOCK_N": cfg["BLOCK_N"], "BLOCK_E": pow2(s.n_experts), "BLOCK_K": pow2(s.k, 1),
          "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d), _fit(48 * 1024, (pow2(s.n_experts) + cfg["BLOCK_N"]) * item))},
         cfg["num_warps"], cfg["num_stages"])
@@ -232,55 +237,63 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
 
     The config of the bucket (`configs.experts_config`) picks one of three sequences:
 
-    - decode: route -> experts (one program per selected expert and hidden chunk; nothing sorted);
+    - gather: route -> experts (one program per expert and hidden chunk finds its tokens itself;
+      nothing sorted, no dispatch launch);
     - fused: route -> dispatch -> experts (up, activation and down per row tile of the plan);
-    - split: route -> dispatch -> up CVMM (h through memory) -> down CVMM (float32 atomics);
+    - split: route -> dispatch -> up CVMM (h through memory) -> down CVMM;
 
-    and one of two ways to round the float32 accumulator into y (`finish`): 'inline', the route
-    kernel zeroes the accumulator and counters and the last contributor of each token row rounds
-    it in the last launch (`experts.finish_rows`); or 'pass', a memset of the accumulator first
-    and a finalize launch last (cheaper where counting and re-reading rows inside the expert
-    kernels costs more than one more pass over the accumulator: large v_dim, many tokens).
+    and one of three ways to sum a token's k contributions into y (`finish`):
+    'inline', float32 adds into an accumulator that the route kernel zeroes, the last contributor
+    of each token row rounding it in the last launch (`experts.finish_rows`); 'pass', a memset of
+    the accumulator first and a finalize launch last (cheaper where counting and re-reading rows
+    inside the expert kernels costs more than one more pass: large v_dim, many tokens); or
+    'atomic', adds straight into y in the model dtype, which the route kernel fills with the output
+    bias (no accumulator and no second pass; in half precision one rounding per add, so up to k
+    roundings where the others round once). Float32 layers always take 'atomic': nothing to round.
     """
     n = bucket(n_tokens)
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
     cfg = experts_config(d, E, G, dv, s.k, n)
     mode = cfg["mode"]
-    # a float32 layer without output bias adds into y itself (zeroed by the route kernel): nothing to round
-    direct = s.dtype == "float32" and not s.bias
-    inline = not direct and (mode == "decode" or cfg.get("finish", "inline") == "inline")
+    finish = "atomic" if s.dtype == "float32" else cfg.get("finish", "inline")
+    o_bias = "o_bias" if s.bias else None
     count_cols = 1
     if mode == "split":
         count_cols = -(-dv // _block_n(tile_config("down", G, dv, n, rows_per_expert=n * s.k // E), dv))
-    out = {"acc": "y" if direct else "acc", "count": "count" if inline else None, "y": "y" if inline else None}
-    route = _route_step(s, n, source="x", counts=mode != "decode", zero=out["acc"] if direct or inline else None,
-                        count=out["count"], count_cols=count_cols)
-    workspace = ()
-    if inline:
+    if finish == "atomic":
+        out = {"acc": "y", "count": None, "y": None}
+        route = _route_step(s, n, source="x", counts=mode != "gather", fill="y", fill_row=o_bias)
+        workspace = ()
+    elif finish == "inline":
+        out = {"acc": "acc", "count": "count", "y": "y"}
+        route = _route_step(s, n, source="x", counts=mode != "gather", fill="acc", count="count",
+                            count_cols=count_cols)
         workspace = (Buffer("acc", "float32", ("N", str(dv))), Buffer("count", "int32", ("N", str(count_cols))))
-    elif not direct:
+    else:
+        out = {"acc": "acc", "count": None, "y": None}
+        route = _route_step(s, n, source="x", counts=mode != "gather")
         workspace = (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
-    if mode == "decode":
-        steps = (route, _experts_step(s, cfg, dispatched=False, **out))
+    if mode == "gather":
+        steps = (route, _experts_step(s, n, cfg, dispatched=False, **out))
         workspace += (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))))
     else:
         tile_m = cfg["BLOCK_M"] if mode == "fused" else _tile_m(s, n)
         steps = (route,) + _dispatch_steps(s, n, route.constexprs["BLOCK_N"], tile_m)
         workspace += _plan_buffers(s, n, tile_m, route.constexprs["BLOCK_N"])
         if mode == "fused":
-            steps += (_experts_step(s, cfg, dispatched=True, **out),)
+            steps += (_experts_step(s, n, cfg, dispatched=True, **out),)
         else:
             steps += _up_down_steps(s, n, tile_m, out=out["acc"], count=out["count"],
-                                    o_bias="o_bias" if s.bias and inline else None, y=out["y"])
+                                    o_bias=o_bias if out["y"] else None, y=out["y"])
             workspace += (Buffer("h", s.dtype, ("S", str(G))),)
-    if not direct and not inline:
-        steps += (_finalize_step("acc", "o_bias" if s.bias else None, "y", dv),)
+    if finish == "pass":
+        steps += (_finalize_step("acc", o_bias, "y", dv),)
     return Plan("sigma_moe", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(dv))),), workspace, steps,
-                derived=(("S", f"N * {s.k}"),), max_tokens=cfg["BLOCK_M"] if mode == "decode" else n,
-                notes={"mode": mode, "finish": "inline" if inline or direct else "pass", "config": cfg})
+                derived=(("S", f"N * {s.k}"),), max_tokens=n, notes={"mode": mode, "finish": finish, "config": cfg})
 
 
-def _experts_step(s: MoEShape, cfg: dict, *, dispatched: bool, acc: str, count: str | None, y: str | None) -> Step:
+def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str, count: str | None,
+                  y: str | None) -> Step:
     E, G = s.n_experts, s.expert_size
     block_m, block_g = cfg["BLOCK_M"], min(cfg["BLOCK_G"], pow2(G))
     n_chunks = -(-G // block_g)
@@ -295,7 +308,9 @@ def _experts_step(s: MoEShape, cfg: dict, *, dispatched: bool, acc: str, count: 
          "acc_ptr": acc, "count_ptr": count, "y_ptr": y, "N": "N"},
         {"E": E, "D": s.d, "G": G, "DV": s.v_dim, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation],
          "DISPATCHED": dispatched, "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d)),
-         "BLOCK_N": min(cfg["BLOCK_N"], pow2(s.v_dim)), "BLOCK_K": pow2(s.k, 1)},
+         "BLOCK_N": min(cfg["BLOCK_N"], pow2(s.v_dim)), "BLOCK_K": pow2(s.k, 1),
+         # tokens the gather path scans per step (dispatched tiles scan nothing)
+         "BLOCK_S": 16 if dispatched else min(GATHER_SCAN // block_m, pow2(n))},
         cfg["num_warps"], cfg["num_stages"])
 
 

@@ -5,9 +5,9 @@ expert index, the k slots of a token best first (slot n*k + j). The dispatch pla
 counting sort of the slots by expert, in two launches and without a device-wide sort:
 
 1. `route_kernel`, one program per chunk of BLOCK_N tokens: logits (optionally x @ expert_sel^T),
-   top-k, gates, and the chunk's histogram of experts `counts[chunk, e]`. It also zeroes the
-   chunk's rows of the layer's float32 accumulator and contribution counters, so the expert
-   kernels that add into them need no memset launch.
+   top-k, gates, and the chunk's histogram of experts `counts[chunk, e]`. It also prepares the
+   chunk's rows of what the expert kernels add into (the float32 accumulator, or y itself filled
+   with the output bias) and zeroes their contribution counters, so they need no memset launch.
 2. `dispatch_kernel`, one program per chunk: the chunk's base offset per expert (experts below it
    plus earlier chunks, from `counts`) plus each slot's rank among the chunk's slots of the same
    expert gives its sorted position; program 0 also writes the per-expert row offsets [E + 1], and
@@ -30,19 +30,20 @@ def route_kernel(
     x_ptr, sel_ptr, logits_ptr,
     # outputs
     gate_ptr, expert_ptr, counts_ptr,
-    # zeroed for the expert kernels: float32 [N, ZERO_COLS] accumulator, int32 [N, COUNT_COLS] counters
-    zero_ptr, count_ptr,
+    # prepared for the expert kernels: [N, FILL_COLS] rows they add into (filled with fill_row, or
+    # zeros), int32 [N, COUNT_COLS] contribution counters (zeroed)
+    fill_ptr, fill_row_ptr, count_ptr,
     N,
     E: tl.constexpr, D: tl.constexpr, K: tl.constexpr, SELECTION: tl.constexpr,
     HAS_X: tl.constexpr, STORE_LOGITS: tl.constexpr, STORE_COUNTS: tl.constexpr,
-    ZERO_COLS: tl.constexpr, COUNT_COLS: tl.constexpr,
+    FILL_COLS: tl.constexpr, COUNT_COLS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if zero_ptr is not None:
-        _zero_rows(zero_ptr, pid * BLOCK_N, N, ZERO_COLS, BLOCK_N)
+    if fill_ptr is not None:
+        _fill_rows(fill_ptr, fill_row_ptr, pid * BLOCK_N, N, FILL_COLS, BLOCK_N)
     if count_ptr is not None:
-        _zero_rows(count_ptr, pid * BLOCK_N, N, COUNT_COLS, BLOCK_N)
+        _fill_rows(count_ptr, None, pid * BLOCK_N, N, COUNT_COLS, BLOCK_N)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < N
@@ -102,15 +103,19 @@ def route_kernel(
 
 
 @triton.jit
-def _zero_rows(ptr, first, N, COLS: tl.constexpr, ROWS: tl.constexpr):
-    """Fill rows [first, first + ROWS) (those below N) of a row-major [N, COLS] tensor with zero: the
-    rows are one contiguous range, written in flat blocks."""
+def _fill_rows(ptr, row_ptr, first, N, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """Set rows [first, first + ROWS) (those below N) of a row-major [N, COLS] tensor to the vector
+    row_ptr [COLS], or to zero without one: the rows are one contiguous range, written in flat blocks."""
     BLOCK: tl.constexpr = 2048
     begin = first.to(tl.int64) * COLS
     stop = tl.minimum(first + ROWS, N).to(tl.int64) * COLS
     for i0 in range(0, ROWS * COLS, BLOCK):
         i = begin + i0 + tl.arange(0, BLOCK)
-        tl.store(ptr + i, tl.zeros((BLOCK,), ptr.dtype.element_ty), mask=i < stop)
+        if row_ptr is None:
+            value = tl.zeros((BLOCK,), ptr.dtype.element_ty)
+        else:
+            value = tl.load(row_ptr + i % COLS, mask=i < stop, other=0.0).to(ptr.dtype.element_ty)
+        tl.store(ptr + i, value, mask=i < stop)
 
 
 @triton.jit

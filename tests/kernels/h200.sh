@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a $LOG
 SWEEP=""
 [ "$1" = "tune" ] && SWEEP="--tune"
-[ "$1" = "sweep" ] && SWEEP="--tune --sequences --tokens 4096 32768 --name kernels_sequences_h200"
+[ "$1" = "sweep" ] && SWEEP="--tune --sequences --tokens 16 256 4096 32768 --name kernels_sequences_h200"
 # the sweep's and the benchmark's kernels compile (12 processes) while the tests run; the timing runs load them
 ( [ -n "$SWEEP" ] && timeout 240 python3 -m moexport.bench kernels $SWEEP --compile-only --jobs 12
   [ "$1" = "tune" ] || timeout 120 python3 -m moexport.bench kernels --compile-only --jobs 12 ) >> $LOG 2>&1 &
@@ -32,9 +32,11 @@ timeout 170 python3 -m pytest -v $(python3 -c "import xdist" 2>/dev/null && prin
   -p no:cacheprovider 2>&1 | tee $OUT/pytest.log | tail -4
 echo "tests: $((SECONDS - START)) s" | tee -a $LOG
 wait $COMPILING
+# which atomics this Triton emitted for the kernels (vector reductions or one element per instruction)
+grep -rhoE "(red|atom)\.global[.a-z0-9_]*" $TRITON_CACHE_DIR --include=*.ptx | sort | uniq -c | tee -a $LOG
 echo "compile: $((SECONDS - START)) s" | tee -a $LOG
 if [ -n "$SWEEP" ]; then
-  timeout 150 python3 -m moexport.bench kernels $SWEEP -o $OUT > $OUT/sweep.log 2>&1
+  timeout 240 python3 -m moexport.bench kernels $SWEEP -o $OUT > $OUT/sweep.log 2>&1
   grep -v "^{" $OUT/sweep.log | tail -12
   echo "sweep: $((SECONDS - START)) s" | tee -a $LOG
 fi

@@ -13,17 +13,18 @@ SHAPE = MoEShape(64, 8, 32, 64, 2, "bfloat16", "sigmoid", "relu", True)
 
 def carried_plans() -> dict:
     """name -> plan of the manifests the H200 script carries (MOEXPORT_AOT_DIR), compiled on this CPU
-    machine by `python tests/kernels/test_aot.py .carry/aot`: the decode plan, the dispatched plan
-    rounded inline, and the dispatched plan with a memset and a finalize pass."""
+    machine by `python tests/kernels/test_aot.py .carry/aot`: the gather plan, the dispatched plan
+    rounded inline, with a memset and a finalize pass, and with bfloat16 atomics into y."""
     from moexport.kernels import configs
 
     plans = {"moe_16": sigma_moe_plan(SHAPE, 16), "moe_4096": sigma_moe_plan(SHAPE, 4096)}
     key = ("experts", SHAPE.d, SHAPE.n_experts, SHAPE.expert_size, SHAPE.v_dim, SHAPE.k, 4096)
-    configs.TUNED[key] = dict(configs.experts_config(*key[1:]), finish="pass")
-    try:
-        plans["moe_4096_pass"] = sigma_moe_plan(SHAPE, 4096)
-    finally:
-        configs.TUNED.pop(key)
+    for finish in ("pass", "atomic"):
+        configs.TUNED[key] = dict(configs.experts_config(*key[1:]), finish=finish)
+        try:
+            plans[f"moe_4096_{finish}"] = sigma_moe_plan(SHAPE, 4096)
+        finally:
+            configs.TUNED.pop(key)
     return plans
 
 
@@ -32,19 +33,21 @@ def test_expressions_cover_the_plan_language():
     assert evaluate(7, {}) == 7
 
 
-@pytest.mark.parametrize("name", ["moe_16", "moe_4096", "moe_4096_pass"])
+@pytest.mark.parametrize("name", ["moe_16", "moe_4096", "moe_4096_pass", "moe_4096_atomic"])
 def test_compile_plan_writes_cubins_and_launch_metadata_without_a_gpu(tmp_path, name):
     plan = carried_plans()[name]
     path = compile_plan(plan, tmp_path, sm=90, name=name)
     manifest = json.loads(path.read_text())
     assert manifest["sm"] == 90 and len(manifest["steps"]) == len(plan.steps)
-    # rounding: in the expert kernel (counters zeroed by the route kernel), or a memset and a last pass
+    # summing: in the expert kernel (buffers prepared by the route kernel), or a memset and a last pass
     zeroed = [b["name"] for b in manifest["workspace"] if b["zero"]]
     last = manifest["steps"][-1]["kernel"]
     if name.endswith("pass"):
         assert zeroed == ["acc"] and last == "cvmm.finalize_kernel"
     else:
         assert zeroed == [] and last == "experts.experts_kernel"
+    # atomic: no float32 accumulator at all, the expert kernel adds bfloat16 into y
+    assert ("acc" in [b["name"] for b in manifest["workspace"]]) == (not name.endswith("atomic"))
     for step in manifest["steps"]:
         cubin = (tmp_path / step["cubin"]).read_bytes()
         assert cubin[:4] == b"\x7fELF", step["cubin"]
@@ -60,7 +63,8 @@ def test_compile_plan_writes_cubins_and_launch_metadata_without_a_gpu(tmp_path, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, n_tokens", [("moe_16", 7), ("moe_4096", 3000), ("moe_4096_pass", 3000)])
+@pytest.mark.parametrize("name, n_tokens", [("moe_16", 7), ("moe_4096", 3000), ("moe_4096_pass", 3000),
+                                             ("moe_4096_atomic", 3000)])
 def test_aot_cubins_run_through_the_driver_like_the_jit(tmp_path, name, n_tokens):
     from moexport.kernels.launcher import AOTRunner
 
@@ -88,7 +92,7 @@ def test_cubins_compiled_on_a_cpu_machine_run_here():
     folder = os.environ.get("MOEXPORT_AOT_DIR")
     if not folder:
         pytest.skip("MOEXPORT_AOT_DIR not set: no cubins from another machine to load")
-    for name, n_tokens in (("moe_16", 11), ("moe_4096", 2500), ("moe_4096_pass", 2500)):
+    for name, n_tokens in (("moe_16", 11), ("moe_4096", 2500), ("moe_4096_pass", 2500), ("moe_4096_atomic", 2500)):
         runner = AOTRunner(Path(folder) / f"{name}.json")
         tensors = {"x": torch.randn(n_tokens, 64), "expert_sel": torch.randn(8, 64),
                    "keys": torch.randn(8, 64, 32) / 8, "values": torch.randn(8, 32, 64) / 6,

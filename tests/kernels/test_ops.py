@@ -34,7 +34,7 @@ def assert_close(actual, expected, dtype, what):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("selection, activation", [("sigmoid", "relu"), ("softmax", "gelu"),
                                                    ("softmax_after_topk", "silu")])
-@pytest.mark.parametrize("n_tokens", [5, 70], ids=["decode", "grouped"])
+@pytest.mark.parametrize("n_tokens", [5, 70], ids=["gather", "grouped"])
 def test_inference_matches_the_reference(dtype, selection, activation, n_tokens, device):
     layer = make_layer(dtype, selection=selection, activation=activation, device=device).eval()
     x = torch.randn(n_tokens, 24).to(device, dtype)
@@ -127,26 +127,32 @@ def test_fast_path_is_offered_for_cuda_inputs_only():
         assert accel.lookup("sigma_moe", torch.zeros(1, device="cuda")) is not None
 
 
-@pytest.mark.parametrize("mode, finish, n_tokens", [("decode", "inline", 9), ("fused", "inline", 150),
-                                                    ("fused", "pass", 150), ("split", "inline", 150),
-                                                    ("split", "pass", 150)])
-@pytest.mark.parametrize("dtype, bias", [(torch.bfloat16, True), (torch.float32, False)])
-def test_every_experts_sequence_matches_the_reference(mode, finish, n_tokens, dtype, bias, device, monkeypatch):
-    """Each sequence `configs.experts_config` can pick, with several hidden chunks per expert and
-    several column blocks: every token row must be rounded once, by its last contributor (inline)
-    or by the finalize pass after a memset (pass)."""
-    from moexport.kernels import configs, ops
+SEQUENCES = [(mode, finish) for mode in ("gather", "fused", "split") for finish in ("inline", "pass", "atomic")]
+
+
+@pytest.mark.parametrize("mode, finish, dtype, bias",
+                         [(m, f, dt, b) for m, f in SEQUENCES for dt, b in [(torch.bfloat16, True), (torch.float16, False)]]
+                         + [(m, "inline", torch.float32, True) for m in ("gather", "fused", "split")])
+@pytest.mark.parametrize("n_tokens", [9, 150])
+def test_every_experts_sequence_matches_the_reference(mode, finish, dtype, bias, n_tokens, device, monkeypatch):
+    """Each sequence and summation `configs.experts_config` can pick, with several hidden chunks per
+    expert and several column blocks: every token row must get each of its contributions once and
+    be rounded once, by its last contributor (inline) or by the finalize pass after a memset (pass),
+    or take every add in its own dtype (atomic; float32 layers always). The gather sequence with
+    several row blocks per expert and several scan steps per block (150 tokens)."""
+    from moexport.kernels import configs, ops, plan as plans
 
     layer = make_layer(dtype, expert_size=32, bias=bias, device=device).eval()
-    config = {"mode": mode, "BLOCK_M": 16 if mode == "decode" else 32, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16,
+    config = {"mode": mode, "BLOCK_M": 16 if mode == "gather" else 32, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16,
               "num_warps": 4, "num_stages": 2, "finish": finish}
     monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, configs.bucket(n_tokens)), config)
     # the split sequence's down projection in two column tiles, each rounded by its own last contributor
     monkeypatch.setitem(configs.TUNED, ("down", 32, 20, configs.bucket(n_tokens)),
                         {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2})
+    monkeypatch.setattr(plans, "GATHER_SCAN", 16 * 64)
     monkeypatch.setattr(ops, "_PLANS", {})
     monkeypatch.setattr(ops, "_LAYER_PLANS", {})
     x = torch.randn(n_tokens, 24).to(device, dtype)
     plan = ops._layer_plan(x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
-    assert plan.notes["finish"] == ("inline" if mode == "decode" or not bias else finish)
+    assert plan.notes["finish"] == ("atomic" if dtype == torch.float32 else finish)
     assert_close(forward(layer, x), layer.reference_forward(x), dtype, f"y {mode} {finish} {dtype}")
