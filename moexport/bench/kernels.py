@@ -179,7 +179,8 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
 
 def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     """Experts configs worth timing for a shape and token count (see `configs.experts_config`):
-    tile configs, or with `sequences` each sequence and summation (`finish`) with the shipped tiles:
+    tile configs of the shipped sequence and summation (and route tiles), or with `sequences` each
+    sequence and summation (`finish`) with the shipped tiles:
     up to 64 tokens the gather sequence, up to 1024 also gather tiles against the fused sequence,
     beyond fused and split."""
     from moexport.kernels.configs import GATHER_MAX_TOKENS, bucket, experts_config
@@ -214,9 +215,15 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
                 (64, 128, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3), (64, 256, 64, 64, 8, 3),
                 (128, 128, 128, 64, 8, 2)]
         mode = "fused"
-    out = [default] + [dict(zip(fields, c), mode=mode) for c in grid]
+    finish = default.get("finish", "inline")
+    out = [default] + [dict(zip(fields, c), mode=mode, finish=finish) for c in grid]
     if T > GATHER_MAX_TOKENS:
-        out.append({"mode": "split"})
+        out.append({"mode": "split", "finish": finish})
+    # the route kernel's tiles, with the shipped experts config
+    route_fields = ("BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
+    routes = ([(16, 128, 4, 4), (16, 256, 8, 3), (32, 256, 8, 3), (16, 512, 8, 2)] if T <= 1024 else
+              [(64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 3), (64, 256, 8, 2)])
+    out += [dict(default, route=dict(zip(route_fields, r))) for r in routes]
     unique = []
     for c in out:
         if c not in unique and c.get("BLOCK_G", 0) <= max(G, 16):

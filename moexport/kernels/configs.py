@@ -17,10 +17,6 @@ GATHER_MAX_TOKENS = 64
 SMS = 132
 
 
-# Float32 accumulators at least this large (bytes) are zeroed by a memset and rounded by a finalize
-# pass ('pass'); smaller ones by the route kernel and the expert kernels' last contributors ('inline').
-PASS_ACC_BYTES = 32 << 20
-
 
 def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
              finish: str = "inline") -> dict[str, Any]:
@@ -29,32 +25,33 @@ def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
 
 
 # (role, d_in, d_out, bucket) -> CVMM config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), and
-# ("experts", d, n_experts, expert_size, v_dim, k, bucket) -> `experts_config`. The experts configs
-# below are the fastest (eager, L2 flushed) of `moexport bench kernels --tune` on the H200, bf16
-# (triton 3.6), the ones bench/results/kernels_h200.* was measured with; the sequence and rounding
-# ('finish') of the buckets >= 4096 are the picks of the round-3 `--tune --sequences` sweep
-# (bench/results/kernels_sequences_h200.json; split ignores the experts tiles).
+# ("experts", d, n_experts, expert_size, v_dim, k, bucket) -> `experts_config`. The experts tiles are
+# the fastest (L2 flushed) of `moexport bench kernels --tune` on the H200, bf16 (triton 3.6); sequence
+# and summation ('finish') are the picks of the round-4 `--tune --sequences` sweep
+# (bench/results/kernels_sequences_h200.json), except at 1 and 16 tokens: there bfloat16 atomics were
+# 6-14% faster but, with k * hidden chunks = 16-32 adds per output, tripled the error (max 0.011-0.013
+# of max |y| against 0.004), and both meet or both miss each target, so those keep float32 sums.
 TUNED: dict[tuple, dict[str, Any]] = {
     ("experts", 412, 16, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # small 1
     ("experts", 412, 16, 128, 412, 4, 16): _experts("gather", 16, 16, 128, 128, 4, 3),  # small 16
-    ("experts", 412, 16, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # small 256
-    ("experts", 412, 16, 128, 412, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 3, "pass"),  # small 4096
-    ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # small 32768
+    ("experts", 412, 16, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3, "atomic"),  # small 256
+    ("experts", 412, 16, 128, 412, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 3, "atomic"),  # small 4096
+    ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "atomic"),  # small 32768
     ("experts", 1024, 32, 128, 1024, 4, 1): _experts("gather", 16, 32, 256, 256, 8, 3),  # big 1
     ("experts", 1024, 32, 128, 1024, 4, 16): _experts("gather", 16, 32, 256, 256, 8, 3),  # big 16
-    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("fused", 16, 64, 256, 128, 4, 3),  # big 256
-    ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4),  # big 4096
-    ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # big 32768
+    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("fused", 16, 64, 256, 128, 4, 3, "atomic"),  # big 256
+    ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4, "atomic"),  # big 4096
+    ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "atomic"),  # big 32768
     ("experts", 412, 128, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # 238M 1
     ("experts", 412, 128, 128, 412, 4, 16): _experts("gather", 16, 32, 128, 128, 4, 3),  # 238M 16
-    ("experts", 412, 128, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3),  # 238M 256
-    ("experts", 412, 128, 128, 412, 4, 4096): _experts("split", 128, 128, 128, 64, 8, 2, "pass"),  # 238M 4096
-    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "pass"),  # 238M 32768
+    ("experts", 412, 128, 128, 412, 4, 256): _experts("gather", 32, 64, 128, 128, 4, 3, "atomic"),  # 238M 256
+    ("experts", 412, 128, 128, 412, 4, 4096): _experts("fused", 128, 128, 128, 64, 8, 2, "atomic"),  # 238M 4096
+    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "atomic"),  # 238M 32768
     ("experts", 2048, 64, 256, 2048, 8, 1): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 1
     ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 16
-    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3),  # large 256
-    ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("split", 128, 128, 64, 64, 8, 4, "pass"),  # large 4096
-    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4, "pass"),  # large 32768
+    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3, "atomic"),  # large 256
+    ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("split", 128, 128, 64, 64, 8, 4, "atomic"),  # large 4096
+    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4, "atomic"),  # large 32768
 }
 
 
@@ -106,8 +103,11 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     `mode`: 'gather' (no dispatch; one program per expert and hidden chunk of BLOCK_G units takes
     the tokens that chose its expert BLOCK_M at a time), 'fused' (row tiles of BLOCK_M dispatched
     rows, up and down in one program) or 'split' (two CVMM launches, configs of `tile_config`).
-    `finish`: 'inline', 'pass' or 'atomic' (see `plan.sigma_moe_plan`). The defaults give every SM
-    a couple of programs; `TUNED` overrides them with measured ones.
+    `finish`: 'inline', 'pass' or 'atomic' (see `plan.sigma_moe_plan`); the defaults take float32
+    sums up to GATHER_MAX_TOKENS and bfloat16/float16 atomics beyond, which the H200 sweep found
+    fastest at every shape from 256 tokens. An optional 'route' entry holds the route kernel's
+    config (BLOCK_N, BLOCK_D, num_warps, num_stages) in place of `tile_config`'s. The defaults give
+    every SM a couple of programs; `TUNED` overrides them with measured ones.
     """
     key = ("experts", d, n_experts, expert_size, v_dim, k, n_bucket)
     if key in TUNED:
@@ -126,5 +126,4 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
         block_g //= 2
     big = block_m * block_g >= 128 * 64
     return {"mode": "fused", "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": 64, "BLOCK_N": 64 if big else 128,
-            "num_warps": 8 if big else 4, "num_stages": 3,
-            "finish": "pass" if n_bucket * v_dim * 4 >= PASS_ACC_BYTES else "inline"}
+            "num_warps": 8 if big else 4, "num_stages": 3, "finish": "atomic"}

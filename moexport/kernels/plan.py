@@ -107,10 +107,11 @@ class MoEShape:
 
 def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: bool = False,
                 fill: str | None = None, fill_row: str | None = None, count: str | None = None,
-                count_cols: int = 1) -> Step:
+                count_cols: int = 1, cfg: dict | None = None) -> Step:
     """Routing of N tokens; also sets the rows of `fill` [N, v_dim] that the expert kernels add into
-    to the vector `fill_row` (or zeros) and zeroes their int32 counters `count` [N, count_cols]."""
-    cfg = tile_config("route", s.d, s.n_experts, n, rows_per_expert=0)
+    to the vector `fill_row` (or zeros) and zeroes their int32 counters `count` [N, count_cols].
+    `cfg`: the route config, by default `tile_config`'s."""
+    cfg = cfg or tile_config("route", s.d, s.n_experts, n, rows_per_expert=0)
     has_x = source == "x"
     item = 2 if s.dtype in ("float16", "bfloat16") else 4
     return Step(
@@ -257,21 +258,22 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     mode = cfg["mode"]
     finish = "atomic" if s.dtype == "float32" else cfg.get("finish", "inline")
     o_bias = "o_bias" if s.bias else None
+    route_cfg = cfg.get("route")
     count_cols = 1
     if mode == "split":
         count_cols = -(-dv // _block_n(tile_config("down", G, dv, n, rows_per_expert=n * s.k // E), dv))
     if finish == "atomic":
         out = {"acc": "y", "count": None, "y": None}
-        route = _route_step(s, n, source="x", counts=mode != "gather", fill="y", fill_row=o_bias)
+        route = _route_step(s, n, source="x", counts=mode != "gather", fill="y", fill_row=o_bias, cfg=route_cfg)
         workspace = ()
     elif finish == "inline":
         out = {"acc": "acc", "count": "count", "y": "y"}
         route = _route_step(s, n, source="x", counts=mode != "gather", fill="acc", count="count",
-                            count_cols=count_cols)
+                            count_cols=count_cols, cfg=route_cfg)
         workspace = (Buffer("acc", "float32", ("N", str(dv))), Buffer("count", "int32", ("N", str(count_cols))))
     else:
         out = {"acc": "acc", "count": None, "y": None}
-        route = _route_step(s, n, source="x", counts=mode != "gather")
+        route = _route_step(s, n, source="x", counts=mode != "gather", cfg=route_cfg)
         workspace = (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
     if mode == "gather":
         steps = (route, _experts_step(s, n, cfg, dispatched=False, **out))

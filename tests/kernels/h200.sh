@@ -4,8 +4,10 @@
 # `kernels` benchmark. Logs and results go to $OUT (at most 7 files: the device tool returns 8).
 # Usage (device run): bash tests/kernels/h200.sh [sweep|tune]
 #   default: the benchmark of every cell with the shipped configs.
-#   sweep:   first the sequence sweep (fused / split, rounding inline / pass, shipped tiles) at T = 4096
-#            and 32768 (`--tune --sequences`), then the benchmark with its picks.
+#   sweep:   first the sequence sweep (gather / fused / split, summation inline / pass / atomic, shipped
+#            tiles) at T = 16, 256, 4096 and 32768 (`--tune --sequences`), then the benchmark with its picks.
+#   tiles:   first the tile sweep (experts and route tiles of the shipped sequences) at T = 256 and 32768,
+#            then the benchmark with its picks.
 #   tune:    the tile sweep of every cell (`--tune`), no benchmark; Triton's cache left in
 #            $OUT/triton_cache.tgz.* (carry it as .carry/tcache next time).
 # Carried (ignored paths): .whl (onnx-graphsurgeon, which `import moexport` needs, and pytest-xdist +
@@ -23,6 +25,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 SWEEP=""
 [ "$1" = "tune" ] && SWEEP="--tune"
 [ "$1" = "sweep" ] && SWEEP="--tune --sequences --tokens 16 256 4096 32768 --name kernels_sequences_h200"
+[ "$1" = "tiles" ] && SWEEP="--tune --tokens 256 32768 --name kernels_tiles_h200"
 # the sweep's and the benchmark's kernels compile (12 processes) while the tests run; the timing runs load them
 ( [ -n "$SWEEP" ] && timeout 240 python3 -m moexport.bench kernels $SWEEP --compile-only --jobs 12
   [ "$1" = "tune" ] || timeout 120 python3 -m moexport.bench kernels --compile-only --jobs 12 ) >> $LOG 2>&1 &
@@ -43,7 +46,8 @@ fi
 if [ "$1" = "tune" ]; then
   tar czf - -C $TRITON_CACHE_DIR . | split -b 15M - $OUT/triton_cache.tgz. && ls -la $OUT
 else
-  CONFIGS=$([ -f $OUT/kernels_sequences_h200.json ] && echo "--configs $OUT/kernels_sequences_h200.json")
+  SWEPT=$(ls $OUT/kernels_sequences_h200.json $OUT/kernels_tiles_h200.json 2>/dev/null)
+  CONFIGS=$([ -n "$SWEPT" ] && echo "--configs $SWEPT")
   timeout 200 python3 -m moexport.bench kernels -o $OUT --name kernels_h200 $CONFIGS 2>&1 | tail -3
   sed -n '/| shape/,/^$/p' $OUT/kernels_h200.md 2>/dev/null
 fi
