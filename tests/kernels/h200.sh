@@ -7,7 +7,8 @@
 #   sweep:   first the sequence sweep (gather / fused / split, summation inline / pass / atomic, shipped
 #            tiles) at T = 16, 256, 4096 and 32768 (`--tune --sequences`), then the benchmark with its picks.
 #   tiles:   first the tile sweep (experts and route tiles of the shipped sequences) at T = 256 and 32768,
-#            then the benchmark with its picks.
+#            then the benchmark with its picks; more arguments go to the sweep (e.g. --shapes large
+#            --tokens 256; its file is kernels_tiles_h200.json either way).
 #   tune:    the tile sweep of every cell (`--tune`), no benchmark; Triton's cache left in
 #            $OUT/triton_cache.tgz.* (carry it as .carry/tcache next time).
 # Carried (ignored paths): .whl (onnx-graphsurgeon, which `import moexport` needs, and pytest-xdist +
@@ -25,7 +26,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 SWEEP=""
 [ "$1" = "tune" ] && SWEEP="--tune"
 [ "$1" = "sweep" ] && SWEEP="--tune --sequences --tokens 16 256 4096 32768 --name kernels_sequences_h200"
-[ "$1" = "tiles" ] && SWEEP="--tune --tokens 256 32768 --name kernels_tiles_h200"
+[ "$1" = "tiles" ] && SWEEP="--tune --tokens 256 32768 --name kernels_tiles_h200 ${*:2}"
 # the sweep's and the benchmark's kernels compile (12 processes) while the tests run; the timing runs load them
 ( [ -n "$SWEEP" ] && timeout 240 python3 -m moexport.bench kernels $SWEEP --compile-only --jobs 12
   [ "$1" = "tune" ] || timeout 120 python3 -m moexport.bench kernels --compile-only --jobs 12 ) >> $LOG 2>&1 &
