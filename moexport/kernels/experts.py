@@ -7,9 +7,10 @@ reference), then gate * h @ values[e][chunk, :], added (atomics) into the token 
 accumulator. Two ways to find the rows:
 
 - DISPATCHED = False (gather: decode and a few hundred tokens): one program per (expert, chunk)
-  scans the routing for the tokens that chose its expert and takes them BLOCK_M at a time
-  (`_gathered_rows`); an expert no token chose costs one scan. Nothing is sorted and there is no
-  dispatch launch: each selected expert's weights are streamed once per row block.
+  scans the routing once for the tokens that chose its expert, writes them to its own list
+  (`_token_list`) and takes them BLOCK_M at a time; an expert no token chose costs one scan.
+  Nothing is sorted and there is no dispatch launch: each selected expert's weights are streamed
+  once per row block.
 - DISPATCHED = True: row tiles of the dispatch plan (tile map, offsets, sorted slots of
   `routing.dispatch_kernel`), round-robin over experts, so tiles running together cover the same
   tokens and a token's k adds meet in L2.
@@ -57,30 +58,26 @@ def finish_rows(acc_ptr, count_ptrs, o_bias_ptr, y_ptr, tok, row_ok, n_first,
 
 
 @triton.jit
-def _gathered_rows(expert_ptr, gate_ptr, N, e, r0,
-                   K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows r0 .. r0 + BLOCK_M of expert e's token list (the tokens that chose e, in token order),
-    found by scanning the routing BLOCK_S tokens at a time: (token, gate, row mask, list length).
-
-    A token's position in the list is the running count of earlier choosers; each row takes the
-    token whose position it is, so the list is compacted without sorting or a second launch."""
-    i = r0 + tl.arange(0, BLOCK_M)
+def _token_list(expert_ptr, gate_ptr, list_tok_ptr, list_gate_ptr, N, e,
+                K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Write the tokens that chose expert e (in token order) and their gates to the program's own
+    list, scanning the routing BLOCK_S tokens at a time; return the list's length. A token's place
+    is the running count of earlier choosers: one pass, nothing sorted."""
     j = tl.arange(0, BLOCK_K)
-    tok = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    gate = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    seen = tl.full((), 0, tl.int32)
+    length = tl.full((), 0, tl.int32)
     for t0 in range(0, N, BLOCK_S):
         t = t0 + tl.arange(0, BLOCK_S)
         ok = (t[:, None] < N) & (j[None, :] < K)
         chose = ok & (tl.load(expert_ptr + t[:, None] * K + j[None, :], mask=ok, other=-1) == e)
-        g = tl.sum(tl.load(gate_ptr + t[:, None] * K + j[None, :], mask=chose, other=0.0), axis=1)
         hit = tl.max(chose.to(tl.int32), axis=1)
-        at = seen + tl.cumsum(hit, axis=0) - 1
-        match = (hit[None, :] > 0) & (at[None, :] == i[:, None])
-        tok += tl.sum(tl.where(match, t[None, :], 0), axis=1)
-        gate += tl.sum(tl.where(match, g[None, :], 0.0), axis=1)
-        seen += tl.sum(hit, axis=0)
-    return tok, gate, i < seen, seen
+        at = length + tl.cumsum(hit, axis=0) - 1
+        tl.store(list_tok_ptr + at, t, mask=hit > 0)
+        tl.store(list_gate_ptr + at, tl.sum(tl.load(gate_ptr + t[:, None] * K + j[None, :], mask=chose, other=0.0),
+                                            axis=1), mask=hit > 0)
+        length += tl.sum(hit, axis=0)
+    # the list's entries were written by other threads of this program: order them before the reads
+    tl.debug_barrier()
+    return length
 
 
 @triton.jit
@@ -117,8 +114,9 @@ def _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, cou
 def experts_kernel(
     # layer
     x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr,
-    # routing: gate and expert [N, K] (gathered), or the dispatch plan
-    gate_ptr, expert_ptr, offsets_ptr, tile_map_ptr, sorted_slot_ptr,
+    # routing: gate and expert [N, K] with each gather program's token list (scratch [E * NG, N]),
+    # or the dispatch plan
+    gate_ptr, expert_ptr, list_tok_ptr, list_gate_ptr, offsets_ptr, tile_map_ptr, sorted_slot_ptr,
     # accumulator [N, DV] (prefilled), contribution counters [N] (zeroed), output (None: acc is y)
     acc_ptr, count_ptr, y_ptr,
     N,
@@ -144,11 +142,15 @@ def experts_kernel(
     else:
         e = tl.program_id(0)
         chunk = tl.program_id(1)
-        tok, gate, row_ok, n_rows = _gathered_rows(expert_ptr, gate_ptr, N, e, 0, K, BLOCK_M, BLOCK_S, BLOCK_K)
+        mine = (e * NG + chunk).to(tl.int64) * N
+        n_rows = _token_list(expert_ptr, gate_ptr, list_tok_ptr + mine, list_gate_ptr + mine, N, e, K, BLOCK_S,
+                             BLOCK_K)
         for r0 in range(0, n_rows, BLOCK_M):
-            if r0 > 0:  # the first block came with the list's length
-                tok, gate, row_ok, n_rows_again = _gathered_rows(expert_ptr, gate_ptr, N, e, r0, K, BLOCK_M,
-                                                                 BLOCK_S, BLOCK_K)
+            i = r0 + tl.arange(0, BLOCK_M)
+            row_ok = i < n_rows
+            # .cg: past L1, which may hold the list's lines from before the other threads' stores
+            tok = tl.load(list_tok_ptr + mine + i, mask=row_ok, other=0, cache_modifier=".cg")
+            gate = tl.load(list_gate_ptr + mine + i, mask=row_ok, other=0.0, cache_modifier=".cg")
             _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
                          tok, gate, row_ok, e, chunk, D, G, DV, K, NG, ACTIVATION, BLOCK_M, BLOCK_G, BLOCK_D,
                          BLOCK_N)

@@ -97,37 +97,47 @@ class _Prepared:
         """Lay out each step's arguments for its compiled launcher (Triton's order: every parameter,
         constexprs included; buffers as integer device pointers, filled in per call)."""
         fast = []
+        in_workspace = {name: offset for name, offset, *_ in self.workspace}
         for (fn, grid, args, options), kernel_ in zip(self.steps, compiled):
-            template, slots = [], []
+            # slots: (argument index, tensor name) of inputs and outputs; (index, offset) of workspace views
+            template, slots, workspace_slots = [], [], []
             for i, name in enumerate(fn.arg_names):
                 if name in args:
                     is_buffer, value = args[name]
-                    if is_buffer:
+                    if is_buffer and value in in_workspace:
+                        workspace_slots.append((i, in_workspace[value]))
+                    elif is_buffer:
                         slots.append((i, value))
                     template.append(None if is_buffer else value)
                 else:
                     template.append(options[name])
             grid3 = (*grid, 1, 1)[:3]
-            fast.append((kernel_.run, grid3, kernel_.function, kernel_.packed_metadata, template, slots))
+            fast.append((kernel_.run, grid3, kernel_.function, kernel_.packed_metadata, template, slots,
+                         workspace_slots))
         self.fast = fast
         self.aligned = {name: ptr % 16 == 0 for name, ptr in pointers.items()}
 
 
 _PREPARED: dict[tuple, _Prepared] = {}
 _DIRECT_BROKEN = False  # set when a launcher rejected a direct launch
+_KNOBS = None  # triton.knobs once imported, False without it
 
 
 def _direct_launch() -> bool:
     """Whether calls may launch the compiled kernels directly: not when MOEXPORT_JIT_LAUNCH=1 (every
     call through Triton's JIT, for comparison) nor while Triton launch hooks are set (profilers);
     recent Triton (3.6, 3.9) keeps the hooks in chains that are never None but may be empty."""
+    global _KNOBS
     if _DIRECT_BROKEN or os.environ.get("MOEXPORT_JIT_LAUNCH") == "1":
         return False
-    try:
-        from triton import knobs
-    except ImportError:  # triton before 3.4: no knobs
+    if _KNOBS is None:  # imported once: an import per call is a few microseconds of host time
+        try:
+            from triton import knobs as _KNOBS
+        except ImportError:  # triton before 3.4: no knobs
+            _KNOBS = False
+    if _KNOBS is False:
         return False
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    hooks = (_KNOBS.runtime.launch_enter_hook, _KNOBS.runtime.launch_exit_hook)
     return not any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
@@ -183,15 +193,16 @@ def _launch_direct(prepared: _Prepared, buffers: dict, workspace: torch.Tensor, 
         return False
     base = workspace.data_ptr()
     for name, offset, shape, dtype, zero in prepared.workspace:
-        pointers[name] = base + offset
         if zero:
             _view(workspace, offset, shape, dtype).zero_()
     stream = torch._C._cuda_getCurrentRawStream(device.index)
     try:
-        for run, (g0, g1, g2), function, metadata, template, slots in prepared.fast:
+        for run, (g0, g1, g2), function, metadata, template, slots, workspace_slots in prepared.fast:
             values = list(template)
             for i, name in slots:
                 values[i] = pointers[name]
+            for i, offset in workspace_slots:
+                values[i] = base + offset
             run(g0, g1, g2, stream, function, metadata, None, None, None, *values)
     except Exception as error:  # noqa: BLE001 - any launcher failure: fall back to the JIT, loudly
         warnings.warn(f"moexport kernels: direct launches turned off ({type(error).__name__}: {error})")

@@ -21,9 +21,8 @@ from moexport.kernels.configs import bucket, experts_config, pow2, tile_config
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 SELECTION_CODES = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
 
-# Size of the gather path's match tile [BLOCK_M, tokens scanned at a time]: registers, so that a
-# 4-warp program holds it next to its matrix tiles without spilling (32 per thread)
-GATHER_SCAN = 4096
+# Tokens the gather path's programs scan per step ([GATHER_SCAN, k] expert ids at once)
+GATHER_SCAN = 1024
 
 
 @dataclass(frozen=True)
@@ -276,8 +275,11 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
         route = _route_step(s, n, source="x", counts=mode != "gather", cfg=route_cfg)
         workspace = (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
     if mode == "gather":
-        steps = (route, _experts_step(s, n, cfg, dispatched=False, **out))
-        workspace += (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))))
+        step = _experts_step(s, n, cfg, dispatched=False, **out)
+        steps = (route, step)
+        lists = str(E * -(-G // step.constexprs["BLOCK_G"]))
+        workspace += (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))),
+                      Buffer("list_tok", "int32", (lists, "N")), Buffer("list_gate", "float32", (lists, "N")))
     else:
         tile_m = cfg["BLOCK_M"] if mode == "fused" else _tile_m(s, n)
         steps = (route,) + _dispatch_steps(s, n, route.constexprs["BLOCK_N"], tile_m)
@@ -301,18 +303,20 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
     n_chunks = -(-G // block_g)
     grid = (f"(cdiv(S, {block_m}) + {E}) * {n_chunks}",) if dispatched else (str(E), str(n_chunks))
     plan = {"offsets_ptr": "offsets", "tile_map_ptr": "tile_map", "sorted_slot_ptr": "sorted_slot"}
+    lists = {"list_tok_ptr": "list_tok", "list_gate_ptr": "list_gate"}
     return Step(
         "experts.experts_kernel", grid,
         {"x_ptr": "x", "keys_ptr": "keys", "bias_ptr": "bias" if s.bias else None, "values_ptr": "values",
          "o_bias_ptr": "o_bias" if s.bias and y else None, "gate_ptr": "gate",
          "expert_ptr": None if dispatched else "expert",
          **{name: buf if dispatched else None for name, buf in plan.items()},
+         **{name: None if dispatched else buf for name, buf in lists.items()},
          "acc_ptr": acc, "count_ptr": count, "y_ptr": y, "N": "N"},
         {"E": E, "D": s.d, "G": G, "DV": s.v_dim, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation],
          "DISPATCHED": dispatched, "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d)),
          "BLOCK_N": min(cfg["BLOCK_N"], pow2(s.v_dim)), "BLOCK_K": pow2(s.k, 1),
          # tokens the gather path scans per step (dispatched tiles scan nothing)
-         "BLOCK_S": 16 if dispatched else min(GATHER_SCAN // block_m, pow2(n))},
+         "BLOCK_S": 16 if dispatched else min(GATHER_SCAN, pow2(n))},
         cfg["num_warps"], cfg["num_stages"])
 
 

@@ -5,10 +5,11 @@
 # Usage (device run): bash tests/kernels/h200.sh [sweep|tune]
 #   default: the benchmark of every cell with the shipped configs.
 #   sweep:   first the sequence sweep (gather / fused / split, summation inline / pass / atomic, shipped
-#            tiles) at T = 16, 256, 4096 and 32768 (`--tune --sequences`), then the benchmark with its picks.
+#            tiles) at T = 16, 256, 4096 and 32768 (`--tune --sequences`), then the benchmark with its picks;
+#            more arguments go to the sweep, as with tiles.
 #   tiles:   first the tile sweep (experts and route tiles of the shipped sequences) at T = 256 and 32768,
 #            then the benchmark with its picks; more arguments go to the sweep (e.g. --shapes large
-#            --tokens 256; its file is kernels_tiles_h200.json either way).
+#            --tokens 256; the sweep's file keeps its name either way).
 #   tune:    the tile sweep of every cell (`--tune`), no benchmark; Triton's cache left in
 #            $OUT/triton_cache.tgz.* (carry it as .carry/tcache next time).
 # Carried (ignored paths): .whl (onnx-graphsurgeon, which `import moexport` needs, and pytest-xdist +
@@ -25,7 +26,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a $LOG
 SWEEP=""
 [ "$1" = "tune" ] && SWEEP="--tune"
-[ "$1" = "sweep" ] && SWEEP="--tune --sequences --tokens 16 256 4096 32768 --name kernels_sequences_h200"
+[ "$1" = "sweep" ] && SWEEP="--tune --sequences --tokens 16 256 4096 32768 --name kernels_sequences_h200 ${*:2}"
 [ "$1" = "tiles" ] && SWEEP="--tune --tokens 256 32768 --name kernels_tiles_h200 ${*:2}"
 # the sweep's and the benchmark's kernels compile (12 processes) while the tests run; the timing runs load them
 ( [ -n "$SWEEP" ] && timeout 240 python3 -m moexport.bench kernels $SWEEP --compile-only --jobs 12
