@@ -296,6 +296,26 @@ def _kernel_us(fn, n: int = 5) -> dict:
         return {"error": str(error).splitlines()[0][:160]}
 
 
+# Largest error (max |moe - grouped_mm| / max |grouped_mm|) a config may have to be picked: about three
+# bfloat16 steps at the largest output. Float32 sums stay near 0.004-0.007; bfloat16 atomics round
+# each of a token's k * hidden-chunk adds and reach 0.008-0.022, so many adds are turned down.
+MAX_ERR = 0.0125
+# Configs within this factor of the fastest count as equally fast (timing noise): the most accurate wins.
+NOISE = 1.02
+
+
+def pick(timings: list[dict], T: int) -> dict | None:
+    """The timing of the config to ship: among those with max_err <= MAX_ERR, the most accurate of
+    the ones within NOISE of the fastest. Up to 1024 tokens by GPU time (graph replays; eager calls
+    can be host-bound, which configs do not change), beyond by eager time."""
+    speed = (lambda t: t["graph_ms"]) if T <= 1024 else (lambda t: t["ms"])
+    ok = [t for t in timings if t["max_err"] <= MAX_ERR]
+    if not ok:
+        return None
+    fastest = min(speed(t) for t in ok)
+    return min((t for t in ok if speed(t) <= NOISE * fastest), key=lambda t: (t["max_err"], speed(t)))
+
+
 def tune(name: str, T: int, *, sequences: bool = False) -> dict:
     """Time every candidate experts config of one shape and token count (eager and graph replay),
     checking each one's output against torch._grouped_mm; returns them all, the best first."""
@@ -315,14 +335,12 @@ def tune(name: str, T: int, *, sequences: bool = False) -> dict:
                 print(f"skip {name} T={T} {config}: {str(error).splitlines()[0][:120]}")
     from moexport.kernels import configs
 
-    ok = [t for t in timings if t["max_err"] < 0.02]
-    # up to 1024 tokens eager calls can be host-bound, which configs do not change: rank by GPU time
-    ok.sort(key=lambda t: t["graph_ms"] if T <= 1024 else t["ms"])
-    cell = {"shape": name, "T": T, "key": list(_tuned_key(name, T)), "best": ok[0]["config"] if ok else None,
+    best = pick(timings, T)
+    cell = {"shape": name, "T": T, "key": list(_tuned_key(name, T)), "best": best and best["config"],
             "dense_param_ms": _time(lambda: layer.dense(x, layer.w1, layer.w2)),
             "dense_compute_ms": _time(lambda: layer.dense(x, layer.c1, layer.c2)), "timings": timings}
-    if ok:  # last: the profiler can slow later host calls down
-        _use(name, T, ok[0]["config"])
+    if best:  # last: the profiler can slow later host calls down
+        _use(name, T, best["config"])
         with torch.no_grad():
             cell["kernels_us"] = _kernel_us(lambda: layer.moe(x))
     configs.TUNED.pop(_tuned_key(name, T), None)
