@@ -180,7 +180,7 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
 
 def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     """Experts configs worth timing for a shape and token count (see `configs.experts_config`):
-    tile configs of the shipped sequence and summation (and route tiles), or with `sequences` each
+    tile configs of the shipped summation (column spans, route tiles), or with `sequences` each
     sequence and summation (`finish`) with the shipped tiles:
     up to 64 tokens the gather sequence, up to 1024 also gather tiles against the fused sequence,
     beyond fused and split."""
@@ -221,6 +221,12 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     out = [default] + [dict(zip(fields, c), mode=mode, finish=finish) for c in grid]
     if T > GATHER_MAX_TOKENS:
         out.append({"mode": "split", "finish": finish})
+    if T <= 1024:
+        # spans of output columns per row block: more programs for few rows, no more adds per output
+        out += [dict(default, V_SPLIT=v) for v in (2, 4)]
+        if default["mode"] == "gather" and T > GATHER_MAX_TOKENS:
+            out += [dict(default, BLOCK_M=m, BLOCK_G=g, num_warps=w, V_SPLIT=v)
+                    for m, g, w, v in ((32, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4))]
     # the route kernel's tiles, with the shipped experts config
     route_fields = ("BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
     routes = ([(16, 128, 4, 4), (16, 256, 8, 3), (32, 256, 8, 3), (16, 512, 8, 2)] if T <= 1024 else

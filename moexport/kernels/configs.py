@@ -19,9 +19,12 @@ SMS = 132
 
 
 def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
-             finish: str = "inline", route: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
+             finish: str = "inline", route: tuple[int, int, int, int] | None = None,
+             v_split: int = 1) -> dict[str, Any]:
     config = {"mode": mode, "BLOCK_M": m, "BLOCK_G": g, "BLOCK_D": d, "BLOCK_N": n, "num_warps": warps,
               "num_stages": stages, "finish": finish}
+    if v_split > 1:
+        config["V_SPLIT"] = v_split
     if route:
         config["route"] = dict(zip(("BLOCK_N", "BLOCK_D", "num_warps", "num_stages"), route))
     return config
@@ -108,7 +111,8 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     rows, up and down in one program) or 'split' (two CVMM launches, configs of `tile_config`).
     `finish`: 'inline', 'pass' or 'atomic' (see `plan.sigma_moe_plan`); the defaults take float32
     sums up to GATHER_MAX_TOKENS and bfloat16/float16 atomics beyond, which the H200 sweep found
-    fastest at every shape from 256 tokens. An optional 'route' entry holds the route kernel's
+    fastest at every shape from 256 tokens. Optional: 'V_SPLIT' (default 1) programs per row block
+    and hidden chunk, each with its share of the output columns; 'route', the route kernel's
     config (BLOCK_N, BLOCK_D, num_warps, num_stages) in place of `tile_config`'s. The defaults give
     every SM a couple of programs; `TUNED` overrides them with measured ones.
     """

@@ -1,7 +1,8 @@
 """Fused expert kernel of the inference forward: up projection, activation and down projection of a
 block of rows of one expert in one program, so the hidden activations never leave the SM.
 
-`experts_kernel` runs one program per (row block, chunk of BLOCK_G hidden units). It computes
+`experts_kernel` runs one program per (row block, chunk of BLOCK_G hidden units, span of output
+columns: V_SPLIT of them). It computes
 h = act(x[tok] @ keys[e][:, chunk] + bias) for the block (rounded once to the model dtype, as the
 reference), then gate * h @ values[e][chunk, :], added (atomics) into the token rows of the
 accumulator. Two ways to find the rows:
@@ -82,11 +83,12 @@ def _token_list(expert_ptr, gate_ptr, list_tok_ptr, list_gate_ptr, N, e,
 
 @triton.jit
 def _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
-                 tok, gate, row_ok, e, chunk,
+                 tok, gate, row_ok, e, chunk, col,
                  D: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, NG: tl.constexpr,
-                 ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Up, activation and gated down projection of one block of rows of expert e, hidden chunk `chunk`."""
+                 V_SPLIT: tl.constexpr, SPAN: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Up, activation and gated down projection of one block of rows of expert e, hidden chunk
+    `chunk`, output columns [col * SPAN, (col + 1) * SPAN)."""
     g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * D
     k_cols = keys_ptr + e.to(tl.int64) * D * G + g[None, :]
@@ -102,30 +104,34 @@ def _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, cou
     h = tl.where(g[None, :] < G, activate(pre, ACTIVATION), 0.0).to(x_ptr.dtype.element_ty)
     v_rows = values_ptr + e.to(tl.int64) * G * DV + g[:, None] * DV
     out_rows = acc_ptr + tok.to(tl.int64)[:, None] * DV
-    for n0 in range(0, DV, BLOCK_N):
+    for n0 in range(col * SPAN, col * SPAN + SPAN, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         v = tl.load(v_rows + n[None, :], mask=(g[:, None] < G) & (n[None, :] < DV), other=0.0)
         add_into(out_rows + n[None, :], mma(h, v) * gate[:, None], row_ok[:, None] & (n[None, :] < DV))
     if y_ptr is not None:
-        finish_rows(acc_ptr, count_ptr + tok, o_bias_ptr, y_ptr, tok, row_ok, 0, K * NG, DV, DV, BLOCK_N)
+        finish_rows(acc_ptr, count_ptr + tok * V_SPLIT + col, o_bias_ptr, y_ptr, tok, row_ok, col * SPAN, K * NG,
+                    SPAN, DV, BLOCK_N)
 
 
 @triton.jit
 def experts_kernel(
     # layer
     x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr,
-    # routing: gate and expert [N, K] with each gather program's token list (scratch [E * NG, N]),
-    # or the dispatch plan
+    # routing: gate and expert [N, K] with each gather program's token list (scratch
+    # [E * NG * V_SPLIT, N]), or the dispatch plan
     gate_ptr, expert_ptr, list_tok_ptr, list_gate_ptr, offsets_ptr, tile_map_ptr, sorted_slot_ptr,
-    # accumulator [N, DV] (prefilled), contribution counters [N] (zeroed), output (None: acc is y)
+    # accumulator [N, DV] (prefilled), contribution counters [N, V_SPLIT] (zeroed), output (None: acc is y)
     acc_ptr, count_ptr, y_ptr,
     N,
     E: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
     ACTIVATION: tl.constexpr, DISPATCHED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, V_SPLIT: tl.constexpr,
 ):
     NG: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
+    # V_SPLIT programs share a row block and hidden chunk, each with its own span of output columns:
+    # more programs for few rows (each recomputes the chunk's h) without more adds per output
+    SPAN: tl.constexpr = (DV + V_SPLIT * BLOCK_N - 1) // (V_SPLIT * BLOCK_N) * BLOCK_N
     if DISPATCHED:
         rt = tl.program_id(0) // NG
         chunk = tl.program_id(0) % NG
@@ -138,11 +144,13 @@ def experts_kernel(
         slot = tl.load(sorted_slot_ptr + p, mask=row_ok, other=0)
         _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
                      slot // K, tl.load(gate_ptr + slot, mask=row_ok, other=0.0), row_ok, e, chunk,
-                     D, G, DV, K, NG, ACTIVATION, BLOCK_M, BLOCK_G, BLOCK_D, BLOCK_N)
+                     tl.program_id(1), D, G, DV, K, NG, V_SPLIT, SPAN, ACTIVATION, BLOCK_M, BLOCK_G, BLOCK_D,
+                     BLOCK_N)
     else:
         e = tl.program_id(0)
         chunk = tl.program_id(1)
-        mine = (e * NG + chunk).to(tl.int64) * N
+        col = tl.program_id(2)
+        mine = ((e * NG + chunk) * V_SPLIT + col).to(tl.int64) * N
         n_rows = _token_list(expert_ptr, gate_ptr, list_tok_ptr + mine, list_gate_ptr + mine, N, e, K, BLOCK_S,
                              BLOCK_K)
         for r0 in range(0, n_rows, BLOCK_M):
@@ -152,5 +160,5 @@ def experts_kernel(
             tok = tl.load(list_tok_ptr + mine + i, mask=row_ok, other=0, cache_modifier=".cg")
             gate = tl.load(list_gate_ptr + mine + i, mask=row_ok, other=0.0, cache_modifier=".cg")
             _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
-                         tok, gate, row_ok, e, chunk, D, G, DV, K, NG, ACTIVATION, BLOCK_M, BLOCK_G, BLOCK_D,
-                         BLOCK_N)
+                         tok, gate, row_ok, e, chunk, col, D, G, DV, K, NG, V_SPLIT, SPAN, ACTIVATION, BLOCK_M,
+                         BLOCK_G, BLOCK_D, BLOCK_N)

@@ -258,7 +258,7 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     finish = "atomic" if s.dtype == "float32" else cfg.get("finish", "inline")
     o_bias = "o_bias" if s.bias else None
     route_cfg = cfg.get("route")
-    count_cols = 1
+    count_cols = cfg.get("V_SPLIT", 1)  # experts programs of one row block with their own columns
     if mode == "split":
         count_cols = -(-dv // _block_n(tile_config("down", G, dv, n, rows_per_expert=n * s.k // E), dv))
     if finish == "atomic":
@@ -277,7 +277,7 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     if mode == "gather":
         step = _experts_step(s, n, cfg, dispatched=False, **out)
         steps = (route, step)
-        lists = str(E * -(-G // step.constexprs["BLOCK_G"]))
+        lists = str(E * -(-G // step.constexprs["BLOCK_G"]) * step.constexprs["V_SPLIT"])
         workspace += (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))),
                       Buffer("list_tok", "int32", (lists, "N")), Buffer("list_gate", "float32", (lists, "N")))
     else:
@@ -299,9 +299,10 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
 def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str, count: str | None,
                   y: str | None) -> Step:
     E, G = s.n_experts, s.expert_size
-    block_m, block_g = cfg["BLOCK_M"], min(cfg["BLOCK_G"], pow2(G))
+    block_m, block_g, v_split = cfg["BLOCK_M"], min(cfg["BLOCK_G"], pow2(G)), cfg.get("V_SPLIT", 1)
     n_chunks = -(-G // block_g)
-    grid = (f"(cdiv(S, {block_m}) + {E}) * {n_chunks}",) if dispatched else (str(E), str(n_chunks))
+    grid = ((f"(cdiv(S, {block_m}) + {E}) * {n_chunks}", str(v_split)) if dispatched
+            else (str(E), str(n_chunks), str(v_split)))
     plan = {"offsets_ptr": "offsets", "tile_map_ptr": "tile_map", "sorted_slot_ptr": "sorted_slot"}
     lists = {"list_tok_ptr": "list_tok", "list_gate_ptr": "list_gate"}
     return Step(
@@ -316,7 +317,7 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
          "DISPATCHED": dispatched, "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d)),
          "BLOCK_N": min(cfg["BLOCK_N"], pow2(s.v_dim)), "BLOCK_K": pow2(s.k, 1),
          # tokens the gather path scans per step (dispatched tiles scan nothing)
-         "BLOCK_S": 16 if dispatched else min(GATHER_SCAN, pow2(n))},
+         "BLOCK_S": 16 if dispatched else min(GATHER_SCAN, pow2(n)), "V_SPLIT": v_split},
         cfg["num_warps"], cfg["num_stages"])
 
 
