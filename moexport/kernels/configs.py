@@ -34,28 +34,28 @@ def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
 # ("experts", d, n_experts, expert_size, v_dim, k, bucket) -> `experts_config`: measured on the H200,
 # bf16 (triton 3.6), L2 flushed, picked by `bench.kernels.pick` (at most ~3 bfloat16 steps of error,
 # the most accurate of those within 2% of the fastest). Round 4 (bench/results/kernels_notes.md):
-# 16 and 256 tokens from the sequence sweep after the gather path's rewrite, 4096 from the first
-# sequence sweep (kernels_sequences_h200.json holds the latest), 32768 from the tile sweep
-# (kernels_tiles_h200.json); 1 token keeps round 2's tiles with float32 sums.
+# 16 and 256 tokens from the last tile sweep (column spans; kernels_tiles_h200.json), 4096 from the
+# first sequence sweep (kernels_sequences_h200.json), 32768 from the first tile sweep; 1 token keeps
+# round 2's tiles with float32 sums.
 TUNED: dict[tuple, dict[str, Any]] = {
     ("experts", 412, 16, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # small 1
-    ("experts", 412, 16, 128, 412, 4, 16): _experts("gather", 16, 16, 128, 128, 4, 3, "atomic"),  # small 16
+    ("experts", 412, 16, 128, 412, 4, 16): _experts("gather", 16, 32, 128, 128, 4, 3, "atomic"),  # small 16
     ("experts", 412, 16, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3, "atomic"),  # small 256
     ("experts", 412, 16, 128, 412, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 3),  # small 4096
     ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "atomic"),  # small 32768
     ("experts", 1024, 32, 128, 1024, 4, 1): _experts("gather", 16, 32, 256, 256, 8, 3),  # big 1
-    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("gather", 16, 32, 256, 256, 8, 3, "atomic"),  # big 16
-    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("gather", 64, 64, 128, 128, 8, 3, "atomic"),  # big 256
+    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic"),  # big 16
+    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("gather", 64, 64, 128, 128, 8, 3, "atomic", v_split=2),  # big 256
     ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4, "atomic"),  # big 4096
     ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 64, 8, 3, "atomic"),  # big 32768
     ("experts", 412, 128, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # 238M 1
-    ("experts", 412, 128, 128, 412, 4, 16): _experts("gather", 16, 32, 128, 128, 4, 3, "atomic"),  # 238M 16
+    ("experts", 412, 128, 128, 412, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic"),  # 238M 16
     ("experts", 412, 128, 128, 412, 4, 256): _experts("gather", 32, 64, 128, 128, 4, 3, "atomic"),  # 238M 256
     ("experts", 412, 128, 128, 412, 4, 4096): _experts("fused", 128, 128, 128, 64, 8, 2, "atomic"),  # 238M 4096
     ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "atomic", route=(128, 64, 8, 3)),  # 238M 32768
     ("experts", 2048, 64, 256, 2048, 8, 1): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 1
-    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 16
-    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3, "atomic"),  # large 256
+    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 64, 128, 128, 4, 3),  # large 16
+    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3, "atomic", route=(16, 128, 4, 4)),  # large 256
     ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("split", 128, 128, 64, 64, 8, 4, "atomic"),  # large 4096
     ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4, "atomic", route=(128, 64, 8, 3)),  # large 32768
 }
