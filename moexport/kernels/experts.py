@@ -7,8 +7,8 @@ h = act(x[tok] @ keys[e][:, chunk] + bias) for the block (rounded once to the mo
 reference), then gate * h @ values[e][chunk, :], added (atomics) into the token rows of the
 accumulator. Two ways to find the rows:
 
-- DISPATCHED = False (gather: decode and a few hundred tokens): one program per (expert, chunk)
-  scans the routing once for the tokens that chose its expert, writes them to its own list
+- DISPATCHED = False (gather: decode and a few hundred tokens): one program per (expert, chunk,
+  column span) scans the routing once for the tokens that chose its expert, writes them to its own list
   (`_token_list`) and takes them BLOCK_M at a time; an expert no token chose costs one scan.
   Nothing is sorted and there is no dispatch launch: each selected expert's weights are streamed
   once per row block.
@@ -23,8 +23,8 @@ Three ways to sum a token's k contributions (`plan.sigma_moe_plan`'s `finish`):
   (`finish_rows`);
 - pass: float32 adds into an accumulator that a finalize launch rounds (y_ptr None here);
 - atomic: adds straight into y in its dtype (prefilled with o_bias by the route kernel; y_ptr
-  None): no accumulator, no second pass, but one rounding per add in half precision. Float32
-  layers always add into y this way.
+  None): no accumulator, no second pass, but one rounding per add in half precision (k * chunks
+  adds per output). Float32 layers always add into y this way.
 """
 from __future__ import annotations
 

@@ -248,8 +248,8 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     the accumulator first and a finalize launch last (cheaper where counting and re-reading rows
     inside the expert kernels costs more than one more pass: large v_dim, many tokens); or
     'atomic', adds straight into y in the model dtype, which the route kernel fills with the output
-    bias (no accumulator and no second pass; in half precision one rounding per add, so up to k
-    roundings where the others round once). Float32 layers always take 'atomic': nothing to round.
+    bias (no accumulator and no second pass; in half precision one rounding per add, so k times the
+    hidden chunks roundings where the others round once). Float32 layers always take 'atomic'.
     """
     n = bucket(n_tokens)
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim

@@ -22,3 +22,19 @@ def test_agreement_of_a_cell_whose_every_token_flipped_is_all_flips():
     x, ref = torch.randn(1, 16), torch.randn(1, 16)
     out = _agreement(layer, x, -ref, ref)
     assert out["flips"] == 1 and out["max_err"] == 0.0
+
+
+def test_pick_bounds_the_error_and_gives_timing_noise_to_the_more_accurate_config():
+    from moexport.bench.kernels import MAX_ERR, NOISE, pick
+
+    fast_but_rough = {"config": "a", "ms": 1.0, "graph_ms": 1.0, "max_err": MAX_ERR * 1.5}
+    fastest_ok = {"config": "b", "ms": 2.0, "graph_ms": 2.0, "max_err": MAX_ERR * 0.9}
+    within_noise = {"config": "c", "ms": 2.0 * NOISE * 0.999, "graph_ms": 2.0 * NOISE * 0.999, "max_err": MAX_ERR * 0.4}
+    slower = {"config": "d", "ms": 2.5, "graph_ms": 2.5, "max_err": MAX_ERR * 0.1}
+    assert pick([fast_but_rough, fastest_ok, within_noise, slower], 256)["config"] == "c"
+    assert pick([fast_but_rough, fastest_ok, slower], 256)["config"] == "b"
+    assert pick([fast_but_rough], 256) is None
+    # up to 1024 tokens the GPU time decides (eager may be host-bound), beyond the eager time
+    host_bound = {"config": "e", "ms": 9.0, "graph_ms": 1.5, "max_err": 0.0}
+    assert pick([fastest_ok, host_bound], 256)["config"] == "e"
+    assert pick([fastest_ok, host_bound], 4096)["config"] == "b"
