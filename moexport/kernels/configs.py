@@ -16,6 +16,12 @@ GATHER_MAX_TOKENS = 64
 # Streaming multiprocessors to keep busy (H100 / H200: 132).
 SMS = 132
 
+# Default configs sum with half-precision atomics when a token's output takes at most this many adds
+# (k * hidden chunks); otherwise in float32, rounded by a finalize pass when the float32 accumulator
+# is at least PASS_ACC_BYTES, else by the last contributor of each row.
+MAX_ATOMIC_ADDS = 16
+PASS_ACC_BYTES = 32 << 20
+
 
 
 def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
@@ -110,8 +116,9 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     the tokens that chose its expert BLOCK_M at a time), 'fused' (row tiles of BLOCK_M dispatched
     rows, up and down in one program) or 'split' (two CVMM launches, configs of `tile_config`).
     `finish`: 'inline', 'pass' or 'atomic' (see `plan.sigma_moe_plan`); the defaults take float32
-    sums up to GATHER_MAX_TOKENS and bfloat16/float16 atomics beyond, which the H200 sweep found
-    fastest at every shape from 256 tokens. Optional: 'V_SPLIT' (default 1) programs per row block
+    sums up to GATHER_MAX_TOKENS and beyond it bfloat16/float16 atomics, which the H200 sweep found
+    fastest at every shape from 256 tokens, as long as a token's output takes at most
+    MAX_ATOMIC_ADDS of them. Optional: 'V_SPLIT' (default 1) programs per row block
     and hidden chunk, each with its share of the output columns; 'route', the route kernel's
     config (BLOCK_N, BLOCK_D, num_warps, num_stages) in place of `tile_config`'s. The defaults give
     every SM a couple of programs; `TUNED` overrides them with measured ones.
@@ -132,5 +139,9 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     while block_g > 32 and tiles * -(-G // block_g) < 2 * SMS:
         block_g //= 2
     big = block_m * block_g >= 128 * 64
+    # half-precision atomics round each of a token's k * chunks adds: the H200 sweeps stayed within
+    # `bench.kernels.MAX_ERR` up to 16 of them; beyond, float32 sums (a finalize pass for large outputs)
+    adds = k * -(-G // block_g)
+    finish = "atomic" if adds <= MAX_ATOMIC_ADDS else "pass" if n_bucket * v_dim * 4 >= PASS_ACC_BYTES else "inline"
     return {"mode": "fused", "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": 64, "BLOCK_N": 64 if big else 128,
-            "num_warps": 8 if big else 4, "num_stages": 3, "finish": "atomic"}
+            "num_warps": 8 if big else 4, "num_stages": 3, "finish": finish}
