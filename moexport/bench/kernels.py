@@ -40,7 +40,8 @@ DEVICE = "cuda"
 
 COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_mm_ms", "moe_ms", "moe_cached_ms",
            "floor_ms", "moe_host_us", "moe_cached_host_us", "dense_param_graph_ms", "dense_compute_graph_ms",
-           "moe_graph_ms", "vs_param", "vs_param_graph", "vs_compute", "vs_compute_graph", "vs_grouped_mm", "max_err", "flips"]
+           "moe_graph_ms", "vs_param", "vs_param_graph", "vs_compute", "vs_compute_graph", "vs_grouped_mm",
+           "max_err", "flips"]
 
 
 def floor_ms(d: int, E: int, G: int, k: int, T: int) -> float:
@@ -324,7 +325,7 @@ def pick(timings: list[dict], T: int) -> dict | None:
 
 def tune(name: str, T: int, *, sequences: bool = False) -> dict:
     """Time every candidate experts config of one shape and token count (eager and graph replay),
-    checking each one's output against torch._grouped_mm; returns them all, the best first."""
+    checking each one's output against torch._grouped_mm; returns them all and the one `pick` ships."""
     d, E, G, k = SHAPES[name]
     layer = _Layer(d, E, G, k)
     x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
@@ -470,7 +471,8 @@ no dispatch launch), fused (route, dispatch, experts: up, activation and down pe
 (route, dispatch, up CVMM, down CVMM); then how a token's k contributions are summed: inline (float32
 accumulator zeroed by the route kernel, the last contributor of a row rounds it in the last launch),
 pass (float32 accumulator: memset first, finalize launch last) or atomic (added straight into y in
-bf16, which the route kernel zeroes: one rounding per add). Configs: see `configs` above. Targets, and the comparison each uses:
+bf16, which the route kernel zeroes: one rounding per add). Configs: see `configs` above. Targets, and the
+comparison each uses:
 `vs_param` = moe_ms / dense_param_ms (< 1 for T >= 256; <= 0.3 for WT103-big at T = 32768);
 `vs_compute` = moe_ms / dense_compute_ms and `vs_compute_graph` = moe_graph_ms /
 dense_compute_graph_ms: <= 2 for T <= 16; `vs_grouped_mm` = grouped_mm_ms / moe_ms (>= 3); all

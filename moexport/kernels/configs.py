@@ -51,19 +51,23 @@ TUNED: dict[tuple, dict[str, Any]] = {
     ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "atomic"),  # small 32768
     ("experts", 1024, 32, 128, 1024, 4, 1): _experts("gather", 16, 32, 256, 256, 8, 3),  # big 1
     ("experts", 1024, 32, 128, 1024, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic"),  # big 16
-    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("gather", 64, 64, 128, 128, 8, 3, "atomic", v_split=2),  # big 256
+    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("gather", 64, 64, 128, 128, 8, 3,  # big 256
+        "atomic", v_split=2),
     ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4, "atomic"),  # big 4096
     ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 64, 8, 3, "atomic"),  # big 32768
     ("experts", 412, 128, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # 238M 1
     ("experts", 412, 128, 128, 412, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic"),  # 238M 16
     ("experts", 412, 128, 128, 412, 4, 256): _experts("gather", 32, 64, 128, 128, 4, 3, "atomic"),  # 238M 256
     ("experts", 412, 128, 128, 412, 4, 4096): _experts("fused", 128, 128, 128, 64, 8, 2, "atomic"),  # 238M 4096
-    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "atomic", route=(128, 64, 8, 3)),  # 238M 32768
+    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3,  # 238M 32768
+        "atomic", route=(128, 64, 8, 3)),
     ("experts", 2048, 64, 256, 2048, 8, 1): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 1
     ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 64, 128, 128, 4, 3),  # large 16
-    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3, "atomic", route=(16, 128, 4, 4)),  # large 256
+    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3,  # large 256
+        "atomic", route=(16, 128, 4, 4)),
     ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("split", 128, 128, 64, 64, 8, 4, "atomic"),  # large 4096
-    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4, "atomic", route=(128, 64, 8, 3)),  # large 32768
+    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4,  # large 32768
+        "atomic", route=(128, 64, 8, 3)),
 }
 
 
@@ -142,6 +146,8 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     # half-precision atomics round each of a token's k * chunks adds: the H200 sweeps stayed within
     # `bench.kernels.MAX_ERR` up to 16 of them; beyond, float32 sums (a finalize pass for large outputs)
     adds = k * -(-G // block_g)
-    finish = "atomic" if adds <= MAX_ATOMIC_ADDS else "pass" if n_bucket * v_dim * 4 >= PASS_ACC_BYTES else "inline"
+    finish = "pass" if n_bucket * v_dim * 4 >= PASS_ACC_BYTES else "inline"
+    if adds <= MAX_ATOMIC_ADDS:
+        finish = "atomic"
     return {"mode": "fused", "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": 64, "BLOCK_N": 64 if big else 128,
             "num_warps": 8 if big else 4, "num_stages": 3, "finish": finish}

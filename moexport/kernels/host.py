@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from moexport.core.dtypes import torch_dtype
-from moexport.core.errors import InternalError, MoexportError
+from moexport.core.errors import MoexportError
 from moexport.kernels.plan import Plan, evaluate
 
 _SYMBOL = re.compile(r"^[A-Za-z_]\w*$")

@@ -293,7 +293,8 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     if finish == "pass":
         steps += (_finalize_step("acc", o_bias, "y", dv),)
     return Plan("sigma_moe", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(dv))),), workspace, steps,
-                derived=(("S", f"N * {s.k}"),), max_tokens=n, notes={"mode": mode, "finish": finish, "config": cfg})
+                derived=(("S", f"N * {s.k}"),), max_tokens=n,
+                notes={"mode": mode, "finish": finish, "config": cfg})
 
 
 def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str, count: str | None,

@@ -29,7 +29,8 @@ def test_pick_bounds_the_error_and_gives_timing_noise_to_the_more_accurate_confi
 
     fast_but_rough = {"config": "a", "ms": 1.0, "graph_ms": 1.0, "max_err": MAX_ERR * 1.5}
     fastest_ok = {"config": "b", "ms": 2.0, "graph_ms": 2.0, "max_err": MAX_ERR * 0.9}
-    within_noise = {"config": "c", "ms": 2.0 * NOISE * 0.999, "graph_ms": 2.0 * NOISE * 0.999, "max_err": MAX_ERR * 0.4}
+    near = 2.0 * NOISE * 0.999
+    within_noise = {"config": "c", "ms": near, "graph_ms": near, "max_err": MAX_ERR * 0.4}
     slower = {"config": "d", "ms": 2.5, "graph_ms": 2.5, "max_err": MAX_ERR * 0.1}
     assert pick([fast_but_rough, fastest_ok, within_noise, slower], 256)["config"] == "c"
     assert pick([fast_but_rough, fastest_ok, slower], 256)["config"] == "b"

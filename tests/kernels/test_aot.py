@@ -95,7 +95,8 @@ def test_cubins_compiled_on_a_cpu_machine_run_here():
     folder = os.environ.get("MOEXPORT_AOT_DIR")
     if not folder:
         pytest.skip("MOEXPORT_AOT_DIR not set: no cubins from another machine to load")
-    for name, n_tokens in (("moe_16", 11), ("moe_4096_inline", 2500), ("moe_4096_pass", 2500), ("moe_4096_atomic", 2500)):
+    for name, n_tokens in (("moe_16", 11), ("moe_4096_inline", 2500), ("moe_4096_pass", 2500),
+                           ("moe_4096_atomic", 2500)):
         runner = AOTRunner(Path(folder) / f"{name}.json")
         tensors = {"x": torch.randn(n_tokens, 64), "expert_sel": torch.randn(8, 64),
                    "keys": torch.randn(8, 64, 32) / 8, "values": torch.randn(8, 32, 64) / 6,

@@ -131,7 +131,8 @@ SEQUENCES = [(mode, finish) for mode in ("gather", "fused", "split") for finish 
 
 
 @pytest.mark.parametrize("mode, finish, dtype, bias",
-                         [(m, f, dt, b) for m, f in SEQUENCES for dt, b in [(torch.bfloat16, True), (torch.float16, False)]]
+                         [(m, f, dt, b) for m, f in SEQUENCES
+                          for dt, b in [(torch.bfloat16, True), (torch.float16, False)]]
                          + [(m, "inline", torch.float32, True) for m in ("gather", "fused", "split")])
 @pytest.mark.parametrize("n_tokens", [9, 150])
 def test_every_experts_sequence_matches_the_reference(mode, finish, dtype, bias, n_tokens, device, monkeypatch):
@@ -140,7 +141,8 @@ def test_every_experts_sequence_matches_the_reference(mode, finish, dtype, bias,
     be rounded once, by its last contributor (inline) or by the finalize pass after a memset (pass),
     or take every add in its own dtype (atomic; float32 layers always). The gather sequence with
     several row blocks per expert and several scan steps per block (150 tokens)."""
-    from moexport.kernels import configs, ops, plan as plans
+    from moexport.kernels import configs, ops
+    from moexport.kernels import plan as plans
 
     layer = make_layer(dtype, expert_size=32, bias=bias, device=device).eval()
     # two spans of output columns per row block (V_SPLIT): 16 and the last 4 of v_dim 20
