@@ -15,6 +15,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -36,28 +37,39 @@ def kernel(name: str):
     return _KERNELS[name]
 
 
-def bind_symbols(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Runtime symbols of a plan: read off the input shapes, then the derived ones."""
+def bind_symbols(inputs: Sequence[tuple[str, Sequence[str]]], derived: Sequence[Sequence[str]],
+                 shapes: dict[str, tuple[int, ...]], plan_name: str) -> dict[str, int]:
+    """Runtime symbols of a plan (or of its AOT manifest): read off the input shapes, (name, shape
+    expressions) per input, then the derived ones; every given input's shape is checked against them."""
     symbols: dict[str, int] = {}
-    for buf in plan.inputs:
-        if buf.name not in shapes:
+    for name, exprs in inputs:
+        if name not in shapes:
             continue
-        shape = tuple(shapes[buf.name])
-        if len(shape) != len(buf.shape):
-            raise MoexportError(f"tensor {buf.name!r} of shape {shape}", f"must have {len(buf.shape)} dimensions",
-                                f"expected {buf.shape}")
-        for size, expr in zip(shape, buf.shape):
+        shape = tuple(shapes[name])
+        if len(shape) != len(exprs):
+            raise MoexportError(f"tensor {name!r} of shape {shape}", f"must have {len(exprs)} dimensions",
+                                f"expected {tuple(exprs)}")
+        for size, expr in zip(shape, exprs):
             if _SYMBOL.match(expr) and expr not in symbols:
                 symbols[expr] = int(size)
-    for name, expr in plan.derived:
+    for name, expr in derived:
         symbols[name] = evaluate(expr, symbols)
-    for buf in plan.inputs:
-        if buf.name in shapes:
-            want = tuple(evaluate(e, symbols) for e in buf.shape)
-            if tuple(shapes[buf.name]) != want:
-                raise MoexportError(f"tensor {buf.name!r} of shape {tuple(shapes[buf.name])}",
-                                    f"does not fit the plan {plan.name!r}", f"expected {want}")
+    for name, exprs in inputs:
+        if name in shapes:
+            want = tuple(evaluate(e, symbols) for e in exprs)
+            if tuple(shapes[name]) != want:
+                raise MoexportError(f"tensor {name!r} of shape {tuple(shapes[name])}",
+                                    f"does not fit the plan {plan_name!r}", f"expected {want}")
     return symbols
+
+
+def pack_workspace(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Byte offsets of buffers of these sizes in one allocation (each aligned to _ALIGN), and its size."""
+    offsets, total = [], 0
+    for nbytes in sizes:
+        offsets.append(total)
+        total += -(-nbytes // _ALIGN) * _ALIGN
+    return offsets, total
 
 
 def buffer_dtype(name: str) -> torch.dtype:
@@ -71,15 +83,13 @@ class _Prepared:
 
     def __init__(self, plan: Plan, shapes: dict[str, tuple[int, ...]]):
         self.plan = plan  # held, so that id(plan) in the cache key is not reused by another plan
-        symbols = bind_symbols(plan, shapes)
+        symbols = bind_symbols([(b.name, b.shape) for b in plan.inputs], plan.derived, shapes, plan.name)
         shape_of = lambda buf: tuple(evaluate(e, symbols) for e in buf.shape)  # noqa: E731
         self.outputs = [(b.name, shape_of(b), buffer_dtype(b.dtype), b.zero) for b in plan.outputs]
-        self.workspace, offset = [], 0
-        for b in plan.workspace:
-            shape, dtype = shape_of(b), buffer_dtype(b.dtype)
-            self.workspace.append((b.name, offset, shape, dtype, b.zero))
-            offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
-        self.workspace_bytes = offset
+        shapes_dtypes = [(shape_of(b), buffer_dtype(b.dtype)) for b in plan.workspace]
+        offsets, self.workspace_bytes = pack_workspace([math.prod(s) * d.itemsize for s, d in shapes_dtypes])
+        self.workspace = [(b.name, offset, shape, dtype, b.zero)
+                          for b, offset, (shape, dtype) in zip(plan.workspace, offsets, shapes_dtypes)]
         names = {b.name for b in (*plan.inputs, *plan.outputs, *plan.workspace)}
         self.steps = []
         if symbols.get("N", 1) > 0 and symbols.get("S", 1) > 0:

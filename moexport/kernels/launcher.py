@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from moexport.core.errors import InternalError, MoexportError
-from moexport.kernels.host import buffer_dtype
+from moexport.kernels.host import bind_symbols, buffer_dtype, pack_workspace
 from moexport.kernels.plan import evaluate
-
-_ALIGN = 256
 
 
 def _check(result):
@@ -28,29 +27,18 @@ def _check(result):
 
 
 def symbols_of(manifest: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Runtime symbols of a manifest from its input shapes (as `host.bind_symbols`)."""
-    symbols: dict[str, int] = {}
-    for buf in manifest["inputs"]:
-        if buf["name"] in shapes:
-            for size, expr in zip(shapes[buf["name"]], buf["shape"]):
-                if expr.isidentifier():
-                    symbols.setdefault(expr, int(size))
-    for name, expr in manifest["derived"]:
-        symbols[name] = evaluate(expr, symbols)
-    return symbols
+    """Runtime symbols of a manifest from its input shapes, each shape checked (`host.bind_symbols`)."""
+    return bind_symbols([(b["name"], b["shape"]) for b in manifest["inputs"]], manifest["derived"], shapes,
+                        manifest["plan"])
 
 
 def workspace_layout(manifest: dict, symbols: dict[str, int]) -> tuple[dict[str, tuple[int, int]], int]:
-    """Byte offset and size of each workspace buffer in one allocation, and the total size."""
-    layout, offset = {}, 0
-    for buf in manifest["workspace"]:
-        numel = 1
-        for expr in buf["shape"]:
-            numel *= evaluate(expr, symbols)
-        nbytes = numel * buffer_dtype(buf["dtype"]).itemsize
-        layout[buf["name"]] = (offset, nbytes)
-        offset += -(-nbytes // _ALIGN) * _ALIGN
-    return layout, offset
+    """Byte offset and size of each workspace buffer in one allocation (as the host lays it out), and
+    the total size."""
+    sizes = [math.prod(evaluate(e, symbols) for e in b["shape"]) * buffer_dtype(b["dtype"]).itemsize
+             for b in manifest["workspace"]]
+    offsets, total = pack_workspace(sizes)
+    return {b["name"]: (offset, nbytes) for b, offset, nbytes in zip(manifest["workspace"], offsets, sizes)}, total
 
 
 class AOTRunner:
