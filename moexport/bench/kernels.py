@@ -185,21 +185,21 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     sequence and summation (`finish`) with the shipped tiles:
     up to 64 tokens the gather sequence, up to 1024 also gather tiles against the fused sequence,
     beyond fused and split."""
-    from moexport.kernels.configs import GATHER_MAX_TOKENS, bucket, experts_config
+    from moexport.kernels.configs import GATHER_MAX_TOKENS, ROUTE_FIELDS, bucket, experts_config
 
     d, E, G, k = SHAPES[name]
     default = experts_config(d, E, G, d, k, bucket(T))
     if sequences:
         finishes = ("inline", "atomic") if T <= 1024 else ("inline", "pass", "atomic")
         if T <= GATHER_MAX_TOKENS:
-            shapes = [default]
+            bases = [default]
         elif T <= 1024:
-            shapes = [dict(default, mode="fused")] + [
+            bases = [dict(default, mode="fused")] + [
                 {"mode": "gather", "BLOCK_M": m, "BLOCK_G": g, "BLOCK_D": 128, "BLOCK_N": 128, "num_warps": w,
                  "num_stages": 3} for m, g, w in ((32, 32, 4), (32, 64, 4), (64, 32, 8), (64, 64, 8))]
         else:
-            shapes = [dict(default, mode=m) for m in ("fused", "split")]
-        variants = [dict(c, finish=f) for c in shapes for f in finishes]
+            bases = [dict(default, mode=m) for m in ("fused", "split")]
+        variants = [dict(c, finish=f) for c in bases for f in finishes]
         return [default] + [c for c in variants if c != default]
     fields = ("BLOCK_M", "BLOCK_G", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages")
     if T <= GATHER_MAX_TOKENS:
@@ -229,10 +229,9 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
             out += [dict(default, BLOCK_M=m, BLOCK_G=g, num_warps=w, V_SPLIT=v)
                     for m, g, w, v in ((32, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4))]
     # the route kernel's tiles, with the shipped experts config
-    route_fields = ("BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
     routes = ([(16, 128, 4, 4), (16, 256, 8, 3), (32, 256, 8, 3), (16, 512, 8, 2)] if T <= 1024 else
               [(64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 3), (64, 256, 8, 2)])
-    out += [dict(default, route=dict(zip(route_fields, r))) for r in routes]
+    out += [dict(default, route=dict(zip(ROUTE_FIELDS, r))) for r in routes]
     unique = []
     for c in out:
         if c not in unique and c.get("BLOCK_G", 0) <= max(G, 16):

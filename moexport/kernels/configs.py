@@ -22,6 +22,8 @@ SMS = 132
 MAX_ATOMIC_ADDS = 16
 PASS_ACC_BYTES = 32 << 20
 
+# The route kernel's config, as an experts config's optional 'route' entry holds it
+ROUTE_FIELDS = ("BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
 
 
 def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
@@ -32,7 +34,7 @@ def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
     if v_split > 1:
         config["V_SPLIT"] = v_split
     if route:
-        config["route"] = dict(zip(("BLOCK_N", "BLOCK_D", "num_warps", "num_stages"), route))
+        config["route"] = dict(zip(ROUTE_FIELDS, route))
     return config
 
 

@@ -257,23 +257,23 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     mode = cfg["mode"]
     finish = "atomic" if s.dtype == "float32" else cfg.get("finish", "inline")
     o_bias = "o_bias" if s.bias else None
-    route_cfg = cfg.get("route")
     count_cols = cfg.get("V_SPLIT", 1)  # experts programs of one row block with their own columns
     if mode == "split":
         count_cols = -(-dv // _block_n(tile_config("down", G, dv, n, rows_per_expert=n * s.k // E), dv))
+    # what the expert kernels add into, and what the route kernel prepares of it
     if finish == "atomic":
         out = {"acc": "y", "count": None, "y": None}
-        route = _route_step(s, n, source="x", counts=mode != "gather", fill="y", fill_row=o_bias, cfg=route_cfg)
+        prepare = {"fill": "y", "fill_row": o_bias}
         workspace = ()
     elif finish == "inline":
         out = {"acc": "acc", "count": "count", "y": "y"}
-        route = _route_step(s, n, source="x", counts=mode != "gather", fill="acc", count="count",
-                            count_cols=count_cols, cfg=route_cfg)
+        prepare = {"fill": "acc", "count": "count", "count_cols": count_cols}
         workspace = (Buffer("acc", "float32", ("N", str(dv))), Buffer("count", "int32", ("N", str(count_cols))))
     else:
         out = {"acc": "acc", "count": None, "y": None}
-        route = _route_step(s, n, source="x", counts=mode != "gather", cfg=route_cfg)
+        prepare = {}
         workspace = (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
+    route = _route_step(s, n, source="x", counts=mode != "gather", cfg=cfg.get("route"), **prepare)
     if mode == "gather":
         step = _experts_step(s, n, cfg, dispatched=False, **out)
         steps = (route, step)
