@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from moexport.core.errors import MoexportError
+from moexport.core.files import write_atomically
 
 PACKAGE = "python3.11-doc"
 SOURCES = "usr/share/doc/python3.11/html/_sources"
@@ -50,9 +51,7 @@ def _run(command: list[str], cwd: Path) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def is_heldout(relative_path: str) -> bool:

@@ -45,6 +45,7 @@ import moexport  # noqa: E402
 import moexport.kernels  # noqa: E402,F401  (registers the Triton σ-MoE path for CUDA inputs; --reference disables it)
 from moexport.core import accel  # noqa: E402
 from moexport.core.errors import MoexportError  # noqa: E402
+from moexport.core.files import write_atomically  # noqa: E402
 from moexport.core.progress import progress  # noqa: E402
 from moexport.models import DenseMLP, PKM, SigmaMoE, TopKMLP, TransformerLM, from_preset  # noqa: E402
 
@@ -153,9 +154,8 @@ def agree_on_steps(match_dir: Path, count: int, name: str, feasible: int, timeou
 
     The parent writes ``<run>.failed`` for a run that died, so nobody waits for it.
     """
-    mine = match_dir / f"{name}.steps"
-    mine.with_suffix(".tmp").write_text(str(feasible))
-    os.replace(mine.with_suffix(".tmp"), mine)
+    # whole or absent: the other runs poll the folder
+    write_atomically(match_dir / f"{name}.steps", lambda tmp: tmp.write_text(str(feasible)))
     deadline = time.monotonic() + timeout
     while len([*match_dir.glob("*.steps"), *match_dir.glob("*.failed")]) < count and time.monotonic() < deadline:
         time.sleep(0.2)
