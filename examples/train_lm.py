@@ -45,7 +45,7 @@ import moexport  # noqa: E402
 import moexport.kernels  # noqa: E402,F401  (registers the Triton σ-MoE path for CUDA inputs; --reference disables it)
 from moexport.core import accel  # noqa: E402
 from moexport.core.errors import MoexportError  # noqa: E402
-from moexport.core.files import write_atomically  # noqa: E402
+from moexport.core.files import write_atomically
 from moexport.core.progress import progress  # noqa: E402
 from moexport.models import DenseMLP, PKM, SigmaMoE, TopKMLP, TransformerLM, from_preset  # noqa: E402
 
