@@ -15,7 +15,6 @@ import triton.language as tl
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-
 @triton.jit
 def mma(a, b):
     """a @ b with float32 accumulation; float32 operands keep float32 accuracy (3 tf32 passes)."""
@@ -66,3 +65,21 @@ def add_into(ptrs, value, mask):
         tl.store(ptrs, (old.to(tl.float32) + value.to(tl.float32)).to(tl.bfloat16), mask=mask)
     else:
         tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+
+
+# Programmatic dependent launch (sm_90+): a kernel launched with `launch_pdl` may start while the
+# kernel before it still runs, up to `wait_for_producer`, which hides the second launch's latency.
+# Both instructions are no-ops in a kernel launched without it, and the interpreter runs launches
+# one after the other anyway.
+@triton.jit
+def let_dependents_start():
+    """Allow the next kernel (if launched with launch_pdl) to start its programs now."""
+    if not INTERPRET:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def wait_for_producer():
+    """Block until the kernel before this one has finished and its writes are visible."""
+    if not INTERPRET:
+        tl.extra.cuda.gdc_wait()

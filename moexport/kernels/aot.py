@@ -4,8 +4,10 @@
 writes, next to the binaries, `<plan>.json`: the plan (buffers with shape expressions, derived
 symbols, steps in order) and per step what a launcher needs and nothing else: the cubin and PTX
 files, the entry name, the grid as expressions of the runtime symbols, block size, dynamic shared
-memory, and the argument layout (buffer pointers and 32-bit integers in order, then the number of
-Triton's hidden scratch pointers, passed as null: no plan kernel uses scratch memory). It is the
+memory, the argument layout (buffer pointers and 32-bit integers in order, then the number of
+Triton's hidden scratch pointers, passed as null: no plan kernel uses scratch memory), and whether
+to launch it with programmatic dependent launch (`launch_pdl`: it may start while the step before
+it runs, and waits for its results itself; a normal launch is equally correct, only slower). It is the
 file the ORT and TensorRT plugins (a later issue) are to read; `moexport.kernels.launcher.AOTRunner`
 runs it from Python through the CUDA driver API.
 
@@ -102,7 +104,7 @@ def compile_plan(plan: Plan, out_dir: str | os.PathLike, *, sm: int | None = Non
         source = triton.compiler.ASTSource(fn=kernel(step.kernel), signature=signature, constexprs=constexprs,
                                            attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
         options = {"num_warps": step.num_warps, "num_stages": step.num_stages, "ptx_version": ptx_version,
-                   "enable_fp_fusion": True}
+                   "enable_fp_fusion": True, **({"launch_pdl": True} if step.launch_pdl else {})}
         compiled = triton.compile(source, target=GPUTarget("cuda", sm, 32), options=options)
         meta = compiled.metadata
         if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
@@ -113,6 +115,7 @@ def compile_plan(plan: Plan, out_dir: str | os.PathLike, *, sm: int | None = Non
         steps.append({"kernel": step.kernel, "entry": meta.name, "cubin": f"{stem}.cubin", "ptx": f"{stem}.ptx",
                       "grid": list(step.grid), "block": [32 * step.num_warps, 1, 1], "shared": meta.shared,
                       "args": layout, "hidden_pointers": _entry_params(compiled.asm["ptx"], meta.name) - len(layout),
+                      "launch_pdl": step.launch_pdl,
                       "constexprs": {k: v for k, v in constexprs.items() if v is not None}})
     manifest = {"version": MANIFEST_VERSION, "plan": plan.name, "sm": sm, "ptx_version": ptx_version,
                 "triton": triton.__version__, "max_tokens": plan.max_tokens,

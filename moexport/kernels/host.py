@@ -97,6 +97,8 @@ class _Prepared:
                 args = {name: (value in names, value if value is None or value in names
                                       else evaluate(value, symbols)) for name, value in step.args.items()}
                 options = dict(step.constexprs, num_warps=step.num_warps, num_stages=step.num_stages)
+                if step.launch_pdl and _pdl_supported():
+                    options["launch_pdl"] = True
                 grid = tuple(evaluate(g, symbols) for g in step.grid)
                 self.steps.append((kernel(step.kernel), grid, args, options))
         self.inputs = [(b.name, buffer_dtype(b.dtype), b.strided) for b in plan.inputs]
@@ -128,6 +130,22 @@ class _Prepared:
         self.aligned = {name: ptr % 16 == 0 for name, ptr in pointers.items()}
 
 
+def _pdl_supported() -> bool:
+    """Whether this Triton launches with programmatic dependent launch (a compile option since 3.4;
+    the interpreter ignores it) and the GPU has it (sm_90+): otherwise steps launch normally."""
+    global _PDL
+    if _PDL is None:
+        try:
+            from triton.backends.nvidia.compiler import CUDAOptions
+            _PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__ and (
+                os.environ.get("TRITON_INTERPRET") == "1" or
+                (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9))
+        except ImportError:
+            _PDL = False
+    return _PDL
+
+
+_PDL: bool | None = None
 _PREPARED: dict[tuple, _Prepared] = {}
 _DIRECT_BROKEN = False  # set when a launcher rejected a direct launch
 _KNOBS = None  # triton.knobs once imported, False without it

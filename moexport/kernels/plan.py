@@ -47,6 +47,9 @@ class Step:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
+    # programmatic dependent launch: the kernel may start before the previous one ends (it waits for
+    # its results itself); hosts that cannot launch so launch it normally, which is equally correct
+    launch_pdl: bool = False
 
 
 @dataclass(frozen=True)
@@ -319,7 +322,8 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
          "BLOCK_N": min(cfg["BLOCK_N"], pow2(s.v_dim)), "BLOCK_K": pow2(s.k, 1),
          # tokens the gather path scans per step (dispatched tiles scan nothing)
          "BLOCK_S": 16 if dispatched else min(GATHER_SCAN, pow2(n)), "V_SPLIT": v_split},
-        cfg["num_warps"], cfg["num_stages"])
+        # gather programs start while the route kernel (the step before) runs, and wait for it
+        cfg["num_warps"], cfg["num_stages"], launch_pdl=not dispatched)
 
 
 def topk_dispatch_plan(n_experts: int, k: int, selection: str, n_tokens: int, *, tile_m: int = 64) -> Plan:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moexport.kernels._jit import mma
+from moexport.kernels._jit import let_dependents_start, mma
 
 
 @triton.jit
@@ -39,6 +39,8 @@ def route_kernel(
     FILL_COLS: tl.constexpr, COUNT_COLS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # the gather experts kernel (launched with launch_pdl) may start its programs now (they wait for ours)
+    let_dependents_start()
     pid = tl.program_id(0)
     if fill_ptr is not None:
         _fill_rows(fill_ptr, fill_row_ptr, pid * BLOCK_N, N, FILL_COLS, BLOCK_N)

@@ -60,6 +60,12 @@ def test_compile_plan_writes_cubins_and_launch_metadata_without_a_gpu(tmp_path, 
         n_params = ptx.split(f".entry {step['entry']}(")[1].split(")")[0].count(".param")
         assert n_params == len(step["args"]) + step["hidden_pointers"] and step["hidden_pointers"] == 2
         assert step["block"][0] % 32 == 0 and step["shared"] >= 0
+        # the gather experts kernel starts during routing (programmatic dependent launch) and waits in
+        # its code; the route kernel lets it; kernels after a dispatch launch normally
+        pdl = step["kernel"] == "experts.experts_kernel" and name == "moe_16"
+        assert step["launch_pdl"] == pdl
+        assert ("griddepcontrol.wait" in ptx) == (step["kernel"] == "experts.experts_kernel")
+        assert ("griddepcontrol.launch_dependents" in ptx) == (step["kernel"] == "routing.route_kernel")
     symbols = symbols_of(manifest, {"x": (1000, 64)})
     layout, total = workspace_layout(manifest, symbols)
     assert all(offset % 256 == 0 for offset, _ in layout.values()) and total >= sum(n for _, n in layout.values())
