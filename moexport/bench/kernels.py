@@ -196,7 +196,7 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
         elif T <= 1024:
             bases = [dict(default, mode="fused")] + [
                 {"mode": "gather", "BLOCK_M": m, "BLOCK_G": g, "BLOCK_D": 128, "BLOCK_N": 128, "num_warps": w,
-                 "num_stages": 3} for m, g, w in ((32, 32, 4), (32, 64, 4), (64, 32, 8), (64, 64, 8))]
+                 "num_stages": 3} for m, g, w in ((32, 32, 4), (32, 64, 4), (64, 32, 8), (64, 64, 8), (64, 128, 8))]
         else:
             bases = [dict(default, mode=m) for m in ("fused", "split")]
         variants = [dict(c, finish=f) for c in bases for f in finishes]
@@ -211,7 +211,7 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
         grid = [(16, 32, 64, 128, 4, 3), (32, 32, 64, 128, 4, 3), (32, 64, 64, 128, 4, 3), (32, 128, 64, 64, 4, 3),
                 (16, 32, 256, 256, 4, 3), (32, 64, 128, 128, 4, 4), (32, 128, 128, 128, 8, 3),
                 (16, 64, 256, 128, 4, 3), (16, 64, 512, 256, 8, 2), (16, 64, 256, 256, 8, 3),
-                (32, 128, 256, 256, 8, 2)]
+                (32, 128, 256, 256, 8, 2), (64, 128, 128, 128, 8, 3)]
         mode = "fused"
     else:
         grid = [(128, 128, 64, 64, 8, 3), (128, 128, 64, 128, 8, 3), (128, 128, 64, 64, 8, 4),
@@ -227,7 +227,8 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
         out += [dict(default, V_SPLIT=v) for v in (2, 4)]
         if default["mode"] == "gather" and T > GATHER_MAX_TOKENS:
             out += [dict(default, BLOCK_M=m, BLOCK_G=g, num_warps=w, V_SPLIT=v)
-                    for m, g, w, v in ((32, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 4), (32, 128, 4, 4))]
+                    for m, g, w, v in ((32, 64, 4, 2), (64, 128, 8, 1), (64, 128, 8, 2), (64, 128, 8, 4),
+                                       (32, 128, 4, 4))]
     # the route kernel's tiles, with the shipped experts config
     routes = ([(16, 128, 4, 4), (16, 256, 8, 3), (32, 256, 8, 3), (16, 512, 8, 2)] if T <= 1024 else
               [(64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 3), (64, 256, 8, 2)])

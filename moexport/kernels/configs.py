@@ -10,8 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 # Largest token count for which the defaults take the gather path (no dispatch launch; every selected
-# expert's weights read once per row block); TUNED entries may take it further.
+# expert's weights read once per row block); beyond it, up to GATHER_MAX_ROWS_TOKENS tokens, they
+# still do where an expert gets at most GATHER_MAX_ROWS rows on average (its rows fit one block of
+# twice that): every tuned pick of the H200 sweeps fits this rule.
 GATHER_MAX_TOKENS = 64
+GATHER_MAX_ROWS = 32
+GATHER_MAX_ROWS_TOKENS = 1024
 
 # Streaming multiprocessors to keep busy (H100 / H200: 132).
 SMS = 132
@@ -44,7 +48,8 @@ def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
 # the most accurate of those within 2% of the fastest). Round 4 (bench/results/kernels_notes.md):
 # 16 and 256 tokens from the last tile sweep (column spans; kernels_tiles_h200.json), 4096 from the
 # first sequence sweep (kernels_sequences_h200.json), 32768 from the first tile sweep; 1 token keeps
-# round 2's tiles with float32 sums.
+# round 2's tiles with float32 sums. Round 5: the large shape at 16 and 256 tokens (gather with
+# 128-unit chunks, and at 256 one 64-row block per expert: none of its weights read twice).
 TUNED: dict[tuple, dict[str, Any]] = {
     ("experts", 412, 16, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # small 1
     ("experts", 412, 16, 128, 412, 4, 16): _experts("gather", 16, 32, 128, 128, 4, 3, "atomic"),  # small 16
@@ -64,9 +69,8 @@ TUNED: dict[tuple, dict[str, Any]] = {
     ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3,  # 238M 32768
         "atomic", route=(128, 64, 8, 3)),
     ("experts", 2048, 64, 256, 2048, 8, 1): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 1
-    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 64, 128, 128, 4, 3),  # large 16
-    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("fused", 32, 128, 128, 128, 8, 3,  # large 256
-        "atomic", route=(16, 128, 4, 4)),
+    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 128, 128, 128, 8, 3, "atomic"),  # large 16
+    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("gather", 64, 128, 128, 128, 8, 3, "atomic"),  # large 256
     ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("split", 128, 128, 64, 64, 8, 4, "atomic"),  # large 4096
     ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4,  # large 32768
         "atomic", route=(128, 64, 8, 3)),
@@ -124,7 +128,8 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     `finish`: 'inline', 'pass' or 'atomic' (see `plan.sigma_moe_plan`); the defaults take float32
     sums up to GATHER_MAX_TOKENS and beyond it bfloat16/float16 atomics, which the H200 sweep found
     fastest at every shape from 256 tokens, as long as a token's output takes at most
-    MAX_ATOMIC_ADDS of them. Optional: 'V_SPLIT' (default 1) programs per row block
+    MAX_ATOMIC_ADDS of them. The defaults gather up to GATHER_MAX_TOKENS tokens, and up to
+    GATHER_MAX_ROWS_TOKENS where experts get few rows (GATHER_MAX_ROWS); else 'fused'. Optional: 'V_SPLIT' (default 1) programs per row block
     and hidden chunk, each with its share of the output columns; 'route', the route kernel's
     config (BLOCK_N, BLOCK_D, num_warps, num_stages) in place of `tile_config`'s. The defaults give
     every SM a couple of programs; `TUNED` overrides them with measured ones.
@@ -139,6 +144,13 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
         return {"mode": "gather", "BLOCK_M": pow2(n_bucket), "BLOCK_G": block_g, "BLOCK_D": 128, "BLOCK_N": 128,
                 "num_warps": 4, "num_stages": 3, "finish": "inline"}
     rows = n_bucket * k // n_experts
+    if n_bucket <= GATHER_MAX_ROWS_TOKENS and rows <= GATHER_MAX_ROWS:
+        # every expert is chosen: at most about one program per SM, one row block each
+        block_g = min(128, pow2(G), pow2(n_experts * G / SMS))
+        adds = k * -(-G // block_g)
+        return {"mode": "gather", "BLOCK_M": min(64, pow2(2 * rows)), "BLOCK_G": block_g, "BLOCK_D": 128,
+                "BLOCK_N": 128, "num_warps": 8, "num_stages": 3,
+                "finish": "atomic" if adds <= MAX_ATOMIC_ADDS else "inline"}
     block_m = min(128, pow2(rows))
     tiles = n_experts * -(-rows // block_m)
     block_g = min(128, pow2(G))

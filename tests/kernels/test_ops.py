@@ -127,6 +127,19 @@ def test_fast_path_is_offered_for_cuda_inputs_only():
         assert accel.lookup("sigma_moe", torch.zeros(1, device="cuda")) is not None
 
 
+def test_defaults_gather_a_few_hundred_tokens_when_experts_get_few_rows(device):
+    """Past GATHER_MAX_TOKENS the defaults still gather where experts get few rows (as the H200's picks
+    at 256 tokens do): route -> experts, the experts launched to start during routing."""
+    from moexport.kernels import configs, ops
+
+    layer = make_layer(torch.bfloat16, n_experts=16, expert_size=32, device=device).eval()
+    x = torch.randn(150, 24).to(device, torch.bfloat16)
+    assert 150 > configs.GATHER_MAX_TOKENS
+    plan = ops._layer_plan(x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
+    assert plan.notes["mode"] == "gather" and [s.launch_pdl for s in plan.steps] == [False, True]
+    assert_close(forward(layer, x), layer.reference_forward(x), torch.bfloat16, "y")
+
+
 SEQUENCES = [(mode, finish) for mode in ("gather", "fused", "split") for finish in ("inline", "pass", "atomic")]
 
 
