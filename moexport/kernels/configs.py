@@ -17,6 +17,12 @@ GATHER_MAX_TOKENS = 64
 GATHER_MAX_ROWS = 32
 GATHER_MAX_ROWS_TOKENS = 1024
 
+# The gather programs speculate (up projection of every token before the routing is known, see
+# `experts.experts_kernel`) when all the bucket's tokens fit one row block and at least this share of
+# the experts is expected to be chosen (the keys of the others are read for nothing); an experts
+# config's 'speculate' overrides it.
+SPECULATE_MIN_USE = 0.75
+
 # Streaming multiprocessors to keep busy (H100 / H200: 132).
 SMS = 132
 

@@ -13,7 +13,9 @@ accumulator. Two ways to find the rows:
   Nothing is sorted and there is no dispatch launch: each selected expert's weights are streamed
   once per row block. The plan launches it with programmatic dependent launch: its programs start
   while the route kernel runs and wait for its results (`_jit.wait_for_producer`), which hides the
-  launch latency (~1-2 us on the H200).
+  launch latency (~1-2 us on the H200). SPECULATE (all tokens in one block, most experts chosen):
+  a program computes the up projection of every token before it waits, so the keys stream while
+  routing runs, and then adds only the rows of the tokens that chose its expert.
 - DISPATCHED = True: row tiles of the dispatch plan (tile map, offsets, sorted slots of
   `routing.dispatch_kernel`), round-robin over experts, so tiles running together cover the same
   tokens and a token's k adds meet in L2.
@@ -61,36 +63,40 @@ def finish_rows(acc_ptr, count_ptrs, o_bias_ptr, y_ptr, tok, row_ok, n_first,
 
 
 @triton.jit
+def _gates_of(expert_ptr, gate_ptr, t, N, e, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For tokens t: the gate of expert e (0 where the token did not choose it) and whether it did."""
+    j = tl.arange(0, BLOCK_K)
+    ok = (t[:, None] < N) & (j[None, :] < K)
+    chose = ok & (tl.load(expert_ptr + t[:, None] * K + j[None, :], mask=ok, other=-1) == e)
+    gate = tl.sum(tl.load(gate_ptr + t[:, None] * K + j[None, :], mask=chose, other=0.0), axis=1)
+    return gate, tl.max(chose.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
 def _token_list(expert_ptr, gate_ptr, list_tok_ptr, list_gate_ptr, N, e,
                 K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     """Write the tokens that chose expert e (in token order) and their gates to the program's own
     list, scanning the routing BLOCK_S tokens at a time; return the list's length. A token's place
     is the running count of earlier choosers: one pass, nothing sorted."""
-    j = tl.arange(0, BLOCK_K)
     length = tl.full((), 0, tl.int32)
     for t0 in range(0, N, BLOCK_S):
         t = t0 + tl.arange(0, BLOCK_S)
-        ok = (t[:, None] < N) & (j[None, :] < K)
-        chose = ok & (tl.load(expert_ptr + t[:, None] * K + j[None, :], mask=ok, other=-1) == e)
-        hit = tl.max(chose.to(tl.int32), axis=1)
-        at = length + tl.cumsum(hit, axis=0) - 1
-        tl.store(list_tok_ptr + at, t, mask=hit > 0)
-        tl.store(list_gate_ptr + at, tl.sum(tl.load(gate_ptr + t[:, None] * K + j[None, :], mask=chose, other=0.0),
-                                            axis=1), mask=hit > 0)
-        length += tl.sum(hit, axis=0)
+        gate, chose = _gates_of(expert_ptr, gate_ptr, t, N, e, K, BLOCK_K)
+        at = length + tl.cumsum(chose.to(tl.int32), axis=0) - 1
+        tl.store(list_tok_ptr + at, t, mask=chose)
+        tl.store(list_gate_ptr + at, gate, mask=chose)
+        length += tl.sum(chose.to(tl.int32), axis=0)
     # the list's entries were written by other threads of this program: order them before the reads
     tl.debug_barrier()
     return length
 
 
 @triton.jit
-def _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
-                 tok, gate, row_ok, e, chunk, col,
-                 D: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, NG: tl.constexpr,
-                 V_SPLIT: tl.constexpr, SPAN: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Up, activation and gated down projection of one block of rows of expert e, hidden chunk
-    `chunk`, output columns [col * SPAN, (col + 1) * SPAN)."""
+def _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk,
+             D: tl.constexpr, G: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """h = act(x[tok] @ keys[e][:, chunk] + bias) for one block of rows, rounded once to the model
+    dtype as the reference; hidden units past G are zero."""
     g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * D
     k_cols = keys_ptr + e.to(tl.int64) * D * G + g[None, :]
@@ -102,8 +108,17 @@ def _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, cou
         pre += mma(a, b)
     if bias_ptr is not None:
         pre += tl.load(bias_ptr + e * G + g, mask=g < G, other=0.0).to(tl.float32)[None, :]
-    # rounded once to the model dtype, as the reference; hidden units past G are zero
-    h = tl.where(g[None, :] < G, activate(pre, ACTIVATION), 0.0).to(x_ptr.dtype.element_ty)
+    return tl.where(g[None, :] < G, activate(pre, ACTIVATION), 0.0).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, row_ok, e, chunk, col,
+               G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, NG: tl.constexpr, V_SPLIT: tl.constexpr,
+               SPAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """gate * h @ values[e][chunk, :] for output columns [col * SPAN, (col + 1) * SPAN), added into
+    the rows `tok` (where row_ok) of the accumulator; then, inline, the rows' last contributor
+    finishes them."""
+    g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
     v_rows = values_ptr + e.to(tl.int64) * G * DV + g[:, None] * DV
     out_rows = acc_ptr + tok.to(tl.int64)[:, None] * DV
     # the trip count stays a constant (pipelined like any tile loop); the span's start is added to it
@@ -121,8 +136,7 @@ def _column_span(axis: tl.constexpr, V_SPLIT: tl.constexpr):
     """This program's span of output columns; without a split the constant 0, so that the kernel is
     the one measured before spans existed. With the program id there instead (a runtime 0), the
     fused kernel at WT103-big, 32768 tokens took 0.276 ms against 0.235 on the same H200 (triton
-    3.6); with the constant, triton 3.9 compiles the unsplit kernels to the earlier PTX (not
-    re-timed on a GPU yet)."""
+    3.6); with the constant, 0.234."""
     if V_SPLIT == 1:
         return 0
     else:
@@ -142,15 +156,14 @@ def experts_kernel(
     E: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
     ACTIVATION: tl.constexpr, DISPATCHED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, V_SPLIT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, V_SPLIT: tl.constexpr, SPECULATE: tl.constexpr,
 ):
     NG: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
     # V_SPLIT programs share a row block and hidden chunk, each with its own span of output columns:
     # more programs for few rows (each recomputes the chunk's h) without more adds per output
     SPAN: tl.constexpr = (DV + V_SPLIT * BLOCK_N - 1) // (V_SPLIT * BLOCK_N) * BLOCK_N
-    # launched with launch_pdl (the gather steps are), the program starts while the route kernel runs
-    wait_for_producer()
     if DISPATCHED:
+        wait_for_producer()  # a no-op: the plans launch these normally (the dispatch kernel comes first)
         rt = tl.program_id(0) // NG
         chunk = tl.program_id(0) % NG
         if rt >= tl.load(tile_map_ptr):
@@ -160,23 +173,43 @@ def experts_kernel(
         p = tl.load(offsets_ptr + e) + (code // E) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = p < tl.load(offsets_ptr + e + 1)
         slot = tl.load(sorted_slot_ptr + p, mask=row_ok, other=0)
-        _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
-                     slot // K, tl.load(gate_ptr + slot, mask=row_ok, other=0.0), row_ok, e, chunk,
-                     _column_span(1, V_SPLIT), D, G, DV, K, NG, V_SPLIT, SPAN, ACTIVATION, BLOCK_M, BLOCK_G,
-                     BLOCK_D, BLOCK_N)
+        # the gates are loaded before the up projection: after it, their latency cost the fused kernel
+        # 21% at WT103-big, 32768 tokens (0.283 ms against 0.234, H200)
+        tok = slot // K
+        gate = tl.load(gate_ptr + slot, mask=row_ok, other=0.0)
+        col = _column_span(1, V_SPLIT)
+        h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk, D, G, ACTIVATION, BLOCK_M, BLOCK_G, BLOCK_D)
+        _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, row_ok, e, chunk, col,
+                   G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N)
     else:
         e = tl.program_id(0)
         chunk = tl.program_id(1)
         col = _column_span(2, V_SPLIT)
-        mine = ((e * NG + chunk) * V_SPLIT + col).to(tl.int64) * N
-        n_rows = _token_list(expert_ptr, gate_ptr, list_tok_ptr + mine, list_gate_ptr + mine, N, e, K, BLOCK_S,
-                             BLOCK_K)
-        for r0 in range(0, n_rows, BLOCK_M):
-            i = r0 + tl.arange(0, BLOCK_M)
-            row_ok = i < n_rows
-            # .cg: past L1, which may hold the list's lines from before the other threads' stores
-            tok = tl.load(list_tok_ptr + mine + i, mask=row_ok, other=0, cache_modifier=".cg")
-            gate = tl.load(list_gate_ptr + mine + i, mask=row_ok, other=0.0, cache_modifier=".cg")
-            _expert_rows(x_ptr, keys_ptr, bias_ptr, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr,
-                         tok, gate, row_ok, e, chunk, col, D, G, DV, K, NG, V_SPLIT, SPAN, ACTIVATION, BLOCK_M,
-                         BLOCK_G, BLOCK_D, BLOCK_N)
+        if SPECULATE:
+            # all N <= BLOCK_M tokens in one block, most experts chosen: the up projection of every
+            # token needs no routing, so (launched with launch_pdl) it streams this chunk's keys while
+            # the route kernel runs; the routing then only picks the rows to add
+            tok = tl.arange(0, BLOCK_M)
+            h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, tok < N, e, chunk, D, G, ACTIVATION, BLOCK_M, BLOCK_G,
+                         BLOCK_D)
+            wait_for_producer()
+            gate, chose = _gates_of(expert_ptr, gate_ptr, tok, N, e, K, BLOCK_K)
+            if tl.max(chose.to(tl.int32), axis=0) > 0:
+                _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, chose, e, chunk, col,
+                           G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N)
+        else:
+            # launched with launch_pdl, the program started while the route kernel runs
+            wait_for_producer()
+            mine = ((e * NG + chunk) * V_SPLIT + col).to(tl.int64) * N
+            n_rows = _token_list(expert_ptr, gate_ptr, list_tok_ptr + mine, list_gate_ptr + mine, N, e, K, BLOCK_S,
+                                 BLOCK_K)
+            for r0 in range(0, n_rows, BLOCK_M):
+                i = r0 + tl.arange(0, BLOCK_M)
+                row_ok = i < n_rows
+                # .cg: past L1, which may hold the list's lines from before the other threads' stores
+                tok = tl.load(list_tok_ptr + mine + i, mask=row_ok, other=0, cache_modifier=".cg")
+                gate = tl.load(list_gate_ptr + mine + i, mask=row_ok, other=0.0, cache_modifier=".cg")
+                h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk, D, G, ACTIVATION, BLOCK_M, BLOCK_G,
+                             BLOCK_D)
+                _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, row_ok, e, chunk, col,
+                           G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N)

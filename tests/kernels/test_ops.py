@@ -140,6 +140,26 @@ def test_defaults_gather_a_few_hundred_tokens_when_experts_get_few_rows(device):
     assert_close(forward(layer, x), layer.reference_forward(x), torch.bfloat16, "y")
 
 
+@pytest.mark.parametrize("speculate", [False, True])
+@pytest.mark.parametrize("finish", ["inline", "atomic"])
+def test_gather_with_and_without_speculation_matches_the_reference(speculate, finish, device, monkeypatch):
+    """Speculating gather programs compute every token's up projection before reading the routing and
+    add only the rows of the tokens that chose their expert: the others must get nothing from it
+    (6 experts, k = 2, 9 tokens: every expert misses some tokens, with and without the bias)."""
+    from moexport.kernels import configs, ops
+
+    layer = make_layer(torch.bfloat16, expert_size=32, device=device).eval()
+    config = {"mode": "gather", "BLOCK_M": 16, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 4,
+              "num_stages": 2, "finish": finish, "speculate": speculate}
+    monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, 16), config)
+    monkeypatch.setattr(ops, "_PLANS", {})
+    monkeypatch.setattr(ops, "_LAYER_PLANS", {})
+    x = torch.randn(9, 24).to(device, torch.bfloat16)
+    plan = ops._layer_plan(x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
+    assert plan.steps[-1].constexprs["SPECULATE"] == speculate
+    assert_close(forward(layer, x), layer.reference_forward(x), torch.bfloat16, f"y speculate={speculate}")
+
+
 SEQUENCES = [(mode, finish) for mode in ("gather", "fused", "split") for finish in ("inline", "pass", "atomic")]
 
 
