@@ -50,11 +50,12 @@ def test_k_equal_to_n_experts_without_bias(n_tokens, device):
     assert_close(forward(layer, x), layer.reference_forward(x), torch.float32, "y")
 
 
-def test_tied_router_rows_route_like_the_reference(device):
+@pytest.mark.parametrize("n_tokens", [5, 70], ids=["gather", "grouped"])
+def test_tied_router_rows_route_like_the_reference(n_tokens, device):
     layer = make_layer(device=device).eval()
     with torch.no_grad():
         layer.expert_sel[3] = layer.expert_sel[1]  # experts 1 and 3 always tie: 1 must win
-    x = torch.randn(70, 24, device=device)
+    x = torch.randn(n_tokens, 24, device=device)
     assert_close(forward(layer, x), layer.reference_forward(x), torch.float32, "y")
 
 
