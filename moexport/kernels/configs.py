@@ -135,10 +135,11 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     sums up to GATHER_MAX_TOKENS and beyond it bfloat16/float16 atomics, which the H200 sweep found
     fastest at every shape from 256 tokens, as long as a token's output takes at most
     MAX_ATOMIC_ADDS of them. The defaults gather up to GATHER_MAX_TOKENS tokens, and up to
-    GATHER_MAX_ROWS_TOKENS where experts get few rows (GATHER_MAX_ROWS); else 'fused'. Optional: 'V_SPLIT' (default 1) programs per row block
-    and hidden chunk, each with its share of the output columns; 'route', the route kernel's
-    config (BLOCK_N, BLOCK_D, num_warps, num_stages) in place of `tile_config`'s. The defaults give
-    every SM a couple of programs; `TUNED` overrides them with measured ones.
+    GATHER_MAX_ROWS_TOKENS where experts get few rows (GATHER_MAX_ROWS); else 'fused'. Optional:
+    'V_SPLIT' (default 1) programs per row block and hidden chunk, each with its share of the output
+    columns; 'route', the route kernel's config (BLOCK_N, BLOCK_D, num_warps, num_stages) in place of
+    `tile_config`'s; 'speculate' (see SPECULATE_MIN_USE). The defaults give every SM a couple of
+    programs; `TUNED` overrides them with measured ones.
     """
     key = ("experts", d, n_experts, expert_size, v_dim, k, n_bucket)
     if key in TUNED:

@@ -14,8 +14,8 @@ accumulator. Two ways to find the rows:
   once per row block. The plan launches it with programmatic dependent launch: its programs start
   while the route kernel runs and wait for its results (`_jit.wait_for_producer`), which hides the
   launch latency (~1-2 us on the H200). SPECULATE (all tokens in one block, most experts chosen):
-  a program computes the up projection of every token before it waits, so the keys stream while
-  routing runs, and then adds only the rows of the tokens that chose its expert.
+  a program computes the up projection of every token before it reads the routing (no token list
+  to build), then adds only the rows of the tokens that chose its expert.
 - DISPATCHED = True: row tiles of the dispatch plan (tile map, offsets, sorted slots of
   `routing.dispatch_kernel`), round-robin over experts, so tiles running together cover the same
   tokens and a token's k adds meet in L2.
@@ -163,7 +163,8 @@ def experts_kernel(
     # more programs for few rows (each recomputes the chunk's h) without more adds per output
     SPAN: tl.constexpr = (DV + V_SPLIT * BLOCK_N - 1) // (V_SPLIT * BLOCK_N) * BLOCK_N
     if DISPATCHED:
-        wait_for_producer()  # a no-op: the plans launch these normally (the dispatch kernel comes first)
+        # the plans launch these normally (after the dispatch kernel); waiting keeps a PDL launch correct
+        wait_for_producer()
         rt = tl.program_id(0) // NG
         chunk = tl.program_id(0) % NG
         if rt >= tl.load(tile_map_ptr):
@@ -187,8 +188,8 @@ def experts_kernel(
         col = _column_span(2, V_SPLIT)
         if SPECULATE:
             # all N <= BLOCK_M tokens in one block, most experts chosen: the up projection of every
-            # token needs no routing, so (launched with launch_pdl) it streams this chunk's keys while
-            # the route kernel runs; the routing then only picks the rows to add
+            # token needs no routing (launched with launch_pdl, it may run while the route kernel
+            # does) and no token list; the routing then only picks the rows to add
             tok = tl.arange(0, BLOCK_M)
             h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, tok < N, e, chunk, D, G, ACTIVATION, BLOCK_M, BLOCK_G,
                          BLOCK_D)
