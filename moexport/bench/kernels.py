@@ -222,6 +222,9 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     out = [default] + [dict(zip(fields, c), mode=mode, finish=finish) for c in grid]
     if T > GATHER_MAX_TOKENS:
         out.append({"mode": "split", "finish": finish})
+    if T <= GATHER_MAX_TOKENS:
+        # gather programs with and without speculation (the plan's rule: configs.SPECULATE_MIN_USE)
+        out += [dict(default, speculate=v) for v in (False, True)]
     if T <= 1024:
         # spans of output columns per row block: more programs for few rows, no more adds per output
         out += [dict(default, V_SPLIT=v) for v in (2, 4)]
