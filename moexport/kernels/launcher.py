@@ -114,20 +114,16 @@ class AOTRunner:
                 values.append(ctypes.c_int32(evaluate(arg["value"], symbols)))
         values += [ctypes.c_uint64(0) for _ in range(step["hidden_pointers"])]  # scratch: unused
         params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        if not step.get("launch_pdl"):
-            _check(self.driver.cuLaunchKernel(function, *grid, *step["block"], step["shared"],
-                                              self.driver.CUstream(stream), ctypes.addressof(params), 0))
-            return
-        # programmatic dependent launch: the kernel may start while the previous step runs
         d = self.driver
         config = d.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid
         config.blockDimX, config.blockDimY, config.blockDimZ = step["block"]
         config.sharedMemBytes = step["shared"]
         config.hStream = d.CUstream(stream)
-        pdl = d.CUlaunchAttribute()
-        pdl.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        pdl.value.programmaticStreamSerializationAllowed = 1
-        config.attrs = [pdl]
-        config.numAttrs = 1
+        if step.get("launch_pdl"):  # programmatic dependent launch: it may start while the previous step runs
+            pdl = d.CUlaunchAttribute()
+            pdl.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            pdl.value.programmaticStreamSerializationAllowed = 1
+            config.attrs = [pdl]
+            config.numAttrs = 1
         _check(d.cuLaunchKernelEx(config, function, ctypes.addressof(params), 0))
