@@ -280,9 +280,10 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     if mode == "gather":
         step = _experts_step(s, n, cfg, dispatched=False, **out)
         steps = (route, step)
-        lists = str(E * -(-G // step.constexprs["BLOCK_G"]) * step.constexprs["V_SPLIT"])
-        workspace += (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))),
-                      Buffer("list_tok", "int32", (lists, "N")), Buffer("list_gate", "float32", (lists, "N")))
+        workspace += (Buffer("gate", "float32", ("N", str(s.k))), Buffer("expert", "int32", ("N", str(s.k))))
+        if not step.constexprs["SPECULATE"]:  # speculating programs keep no token list
+            lists = str(E * -(-G // step.constexprs["BLOCK_G"]) * step.constexprs["V_SPLIT"])
+            workspace += (Buffer("list_tok", "int32", (lists, "N")), Buffer("list_gate", "float32", (lists, "N")))
     else:
         tile_m = cfg["BLOCK_M"] if mode == "fused" else _tile_m(s, n)
         steps = (route,) + _dispatch_steps(s, n, route.constexprs["BLOCK_N"], tile_m)
@@ -317,7 +318,7 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
          "o_bias_ptr": "o_bias" if s.bias and y else None, "gate_ptr": "gate",
          "expert_ptr": None if dispatched else "expert",
          **{name: buf if dispatched else None for name, buf in plan.items()},
-         **{name: None if dispatched else buf for name, buf in lists.items()},
+         **{name: None if dispatched or speculate else buf for name, buf in lists.items()},
          "acc_ptr": acc, "count_ptr": count, "y_ptr": y, "N": "N"},
         {"E": E, "D": s.d, "G": G, "DV": s.v_dim, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation],
          "DISPATCHED": dispatched, "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d)),
