@@ -66,28 +66,42 @@ def route_kernel(
     else:
         logits = tl.load(logits_ptr + rows[:, None] * E + cols[None, :],
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    taken = tl.broadcast_to(cols[None, :] >= E, (BLOCK_N, BLOCK_E))
+    top_i, gate, taken = select_top_k(logits, E, K, SELECTION, BLOCK_E, BLOCK_K)
     kk = tl.arange(0, BLOCK_K)
-    top_v = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    top_i = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-    top0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    out = rows[:, None] * K + kk[None, :]
+    out_ok = row_ok[:, None] & (kk[None, :] < K)
+    tl.store(gate_ptr + out, gate, mask=out_ok)
+    tl.store(expert_ptr + out, top_i, mask=out_ok)
+    if STORE_COUNTS:
+        counts = tl.sum((taken & row_ok[:, None] & col_ok[None, :]).to(tl.int32), axis=0)
+        tl.store(counts_ptr + pid * E + cols, counts, mask=col_ok)
+
+
+@triton.jit
+def select_top_k(logits, E: tl.constexpr, K: tl.constexpr, SELECTION: tl.constexpr,
+                 BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The k experts of each row of float32 logits [rows, BLOCK_E] (columns from E on are not
+    experts), best first, with the moexport tie rule; returns their indices and gates [rows, BLOCK_K]
+    and the [rows, BLOCK_E] mask of the chosen experts (true past E too)."""
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    logits = _nan_as_lowest(logits)
+    taken = tl.broadcast_to(cols[None, :] >= E, logits.shape)
+    kk = tl.arange(0, BLOCK_K)
+    top_v = tl.zeros((logits.shape[0], BLOCK_K), dtype=tl.float32)
+    top_i = tl.zeros((logits.shape[0], BLOCK_K), dtype=tl.int32)
+    top0 = tl.zeros((logits.shape[0],), dtype=tl.float32)
     for j in tl.static_range(K):
+        # an expert not taken yet always ties with the best (-inf at worst): never an invalid index
         v = tl.where(taken, float("-inf"), logits)
         best = tl.max(v, axis=1)
         tied = (v == best[:, None]) & ~taken
         idx = tl.min(tl.where(tied, cols[None, :], BLOCK_E), axis=1)
-        # NaN logits match nothing: take the lowest expert not yet selected, never an invalid one.
-        free = tl.min(tl.where(taken, BLOCK_E, cols[None, :]), axis=1)
-        idx = tl.where(idx < BLOCK_E, idx, free)
         taken = taken | (cols[None, :] == idx[:, None])
         if j == 0:
             top0 = best
         top_v = tl.where(kk[None, :] == j, best[:, None], top_v)
         top_i = tl.where(kk[None, :] == j, idx[:, None], top_i)
-        if STORE_COUNTS:
-            hit = (cols[None, :] == idx[:, None]) & row_ok[:, None]
-            counts += tl.sum(hit.to(tl.int32), axis=0)
     if SELECTION == 0:
         gate = 1.0 / (1.0 + tl.exp(-top_v))
     elif SELECTION == 1:
@@ -96,12 +110,13 @@ def route_kernel(
     else:
         top = tl.where(kk[None, :] < K, tl.exp(top_v - top0[:, None]), 0.0)
         gate = top / tl.sum(top, axis=1)[:, None]
-    out = rows[:, None] * K + kk[None, :]
-    out_ok = row_ok[:, None] & (kk[None, :] < K)
-    tl.store(gate_ptr + out, gate, mask=out_ok)
-    tl.store(expert_ptr + out, top_i, mask=out_ok)
-    if STORE_COUNTS:
-        tl.store(counts_ptr + pid * E + cols, counts, mask=col_ok)
+    return top_i, gate, taken
+
+
+@triton.jit
+def _nan_as_lowest(logits):
+    """NaN logits (an overflowing router) rank as -inf, so every selection takes valid experts."""
+    return tl.where(logits != logits, float("-inf"), logits)  # noqa: PLR0124 - only NaN differs from itself
 
 
 @triton.jit

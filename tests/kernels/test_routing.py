@@ -32,6 +32,16 @@ def test_ties_go_to_the_lower_expert_index(device):
     assert expert.tolist() == [[1, 2, 4], [0, 1, 2], [0, 2, 3]]
 
 
+def test_nan_logits_rank_as_minus_infinity_and_never_give_an_invalid_expert(device):
+    """An overflowing router (NaN logits) must still give k distinct valid experts per token: NaN
+    ranks as -inf, ties to the lower index, in the interpreter (where max propagates NaN) as on the GPU."""
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[nan, 1.0, nan, 0.5, -inf], [nan, nan, nan, nan, nan], [-inf, nan, 2.0, -inf, 1.0]])
+    _, expert, sorted_expert, _ = topk_dispatch(logits.to(device), 3)
+    assert expert.tolist() == [[1, 3, 0], [0, 1, 2], [2, 4, 0]]
+    assert sorted(sorted_expert.tolist()) == sorted(expert.reshape(-1).tolist())
+
+
 def test_saturated_sigmoid_scores_are_ranked_by_logit(device):
     gate, expert, _, _ = topk_dispatch(torch.tensor([[20.0, 30.0, -5.0]], device=device), 1)
     assert expert.item() == 1 and gate.item() == 1.0
