@@ -1,7 +1,7 @@
 """`moexport bench kernels`: σ-MoE FFN forward on the Triton kernels against its baselines (GPU).
 
-For each shape and token count T, in one run, bf16, forward only, median milliseconds over
-`triton.testing.do_bench` (which flushes L2 between calls, so weights come from device memory):
+For each shape and token count T, in one run, bf16, forward only, median milliseconds with L2
+flushed before every call, so weights come from device memory (`FLUSHES`):
 
 - dense FFN with the σ-MoE's parameters (d_ff = E*G) and with its active compute (d_ff = k*G),
   eagerly and replayed from a CUDA graph;
@@ -51,10 +51,52 @@ def floor_ms(d: int, E: int, G: int, k: int, T: int) -> float:
     return 1e3 * max(nbytes / BANDWIDTH, flops / MATMUL)
 
 
-def _time(fn, rep: int = 50) -> float:
-    import triton
+# How L2 is flushed before each timed call. 'read': a reduction over a buffer ten times the L2
+# evicts everything (writing back what is dirty) and leaves only clean lines, so the call reads its
+# weights from HBM and writes nothing back but its own lines. 'memset': triton.testing.do_bench's
+# flush, a memset of that buffer, leaves the L2 full of dirty lines (~50 MB on the H200) that are
+# written back while the timed call streams its weights: up to ~7 us more for a call reading more
+# than the L2 holds (bench/results/kernels_notes.md, round 6).
+FLUSHES = ("read", "memset")
+# (~0.14 ms of GPU time at 4 TB/s: longer than the host takes to issue any call here, so that an eager
+# time is the GPU's; the host time is measured apart)
+FLUSH_BYTES = 512 << 20
+_flush_state: dict = {"mode": "read"}
 
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+def _flush() -> None:
+    state = _flush_state
+    if "buffer" not in state:
+        state["buffer"] = torch.zeros(FLUSH_BYTES // 8, dtype=torch.int64, device=DEVICE)
+        state["sink"] = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    if state["mode"] == "memset":
+        state["buffer"].zero_()
+    else:
+        torch.sum(state["buffer"], dim=0, out=state["sink"])
+
+
+def _time(fn, rep: int = 50, warmup: int = 10) -> float:
+    """Median ms of fn over about `rep` ms of calls (after `warmup` ms), L2 flushed before each: the
+    timing loop of triton.testing.do_bench with the flush of `_flush_state`. The host issues each
+    call while the flush runs, so an eager time is the GPU time whenever the host keeps up."""
+    fn()
+    estimate = max(1e-3, sum(_flushed_calls(fn, 5)) / 5)
+    for _ in range(max(1, int(warmup / estimate))):
+        fn()
+    times = sorted(_flushed_calls(fn, max(1, int(rep / estimate))))
+    return times[len(times) // 2]
+
+
+def _flushed_calls(fn, n: int) -> list[float]:
+    """GPU ms of n calls of fn, each after an L2 flush."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for start, end in events:
+        _flush()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def _graphed(fn):
@@ -204,7 +246,8 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     fields = ("BLOCK_M", "BLOCK_G", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages")
     if T <= GATHER_MAX_TOKENS:
         grid = [(16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3), (32, 256, 256, 8, 3),
-                (32, 64, 64, 4, 4), (16, 512, 512, 8, 2), (32, 512, 256, 8, 2), (64, 256, 256, 8, 3)]
+                (32, 64, 64, 4, 4), (16, 512, 512, 8, 2), (32, 512, 256, 8, 2), (64, 256, 256, 8, 3),
+                (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 64, 128, 8, 6)]
         grid = [(default["BLOCK_M"], *c) for c in grid]
         mode = "gather"
     elif T <= 1024:
@@ -391,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="*", default=None, help=f"Defaults to all: {', '.join(SHAPES)}.")
     parser.add_argument("--tokens", nargs="*", type=int, default=None, help="Defaults to 1 16 256 4096 32768.")
     parser.add_argument("--no-graph", action="store_true", help="Do not time the CUDA-graph replays.")
+    parser.add_argument("--flush", choices=FLUSHES, default="read",
+                        help="How L2 is flushed before each timed call: 'read' (default: a read of a 512 MB "
+                             "buffer, the L2 left clean) or 'memset' (triton.testing.do_bench's: the L2 left "
+                             "dirty, written back during the timed call).")
     parser.add_argument("--tune", action="store_true",
                         help="Instead of benchmarking, time the candidate experts configs; write them all as JSON "
                              "and print the best in the form of `configs.TUNED`.")
@@ -402,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-only", action="store_true",
                         help="Only compile (with --jobs processes) the kernels the run would time, then exit.")
     args = parser.parse_args(argv)
+    _flush_state["mode"] = args.flush
     if not torch.cuda.is_available():
         raise MoexportError("moexport bench kernels", "needs a CUDA GPU", "run it on the H200")
     shapes = args.shapes or list(SHAPES)
@@ -449,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     env = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "dtype": "bfloat16",
+           "L2 flush": args.flush,
            "configs": f"tuned in this call ({Path(args.configs).name})" if args.configs else "shipped"}
     name = args.name or "kernels_" + gpu.split()[-1].lower()
     paths = write_results(name, rows, columns=COLUMNS, out_dir=out_dir,
@@ -459,9 +508,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 NOTES = """\
-Median ms, bf16, forward, one run (`triton.testing.do_bench`), L2 flushed before every call (weights
-read from HBM). do_bench clears L2 with a 256 MB memset (~0.06 ms of GPU time) before each call and
-the host issues the call meanwhile, so an eager time is the GPU time whenever the host keeps up.
+Median ms, bf16, forward, one run (do_bench's timing loop), L2 flushed before every call (weights
+read from HBM), as `L2 flush` above says: 'read' (a 512 MB buffer read, ~0.14 ms of GPU time: the
+L2 left holding clean lines) or 'memset' (do_bench's kind of flush, a memset of that buffer, which
+leaves ~50 MB of dirty lines that are written back while the timed call runs). The host issues
+each call during the flush, so an eager time is the GPU time whenever the host keeps up.
 - `moe_ms`: the σ-MoE call as a user makes it (`sigma_moe_forward`, plain eager, the default):
   direct launches of the compiled kernels (Triton's JIT only on a shape's first call).
 - `moe_cached_ms`: the same call with `cuda_graph=True` (opt-in): from its second call it REPLAYS A
