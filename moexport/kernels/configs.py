@@ -55,7 +55,9 @@ def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
 # 16 and 256 tokens from the last tile sweep (column spans; kernels_tiles_h200.json), 4096 from the
 # first sequence sweep (kernels_sequences_h200.json), 32768 from the first tile sweep; 1 token keeps
 # round 2's tiles with float32 sums. Round 5: the large shape at 16 and 256 tokens (gather with
-# 128-unit chunks, and at 256 one 64-row block per expert: none of its weights read twice).
+# 128-unit chunks, and at 256 one 64-row block per expert: none of its weights read twice). Rounds 1-5
+# flushed L2 with a memset (do_bench's); round 6's sweeps at 16 tokens with the read flush found
+# other tiles at most ~5% faster there (within run-to-run noise), so these stay.
 TUNED: dict[tuple, dict[str, Any]] = {
     ("experts", 412, 16, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # small 1
     ("experts", 412, 16, 128, 412, 4, 16): _experts("gather", 16, 32, 128, 128, 4, 3, "atomic"),  # small 16
