@@ -45,7 +45,9 @@ COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_
 
 
 def floor_ms(d: int, E: int, G: int, k: int, T: int) -> float:
-    used = E * (1 - (1 - k / E) ** T)  # experts expected to be selected at least once
+    from moexport.kernels.configs import expected_share
+
+    used = E * expected_share(E, k, T)  # experts expected to be selected at least once
     nbytes = 2 * (2 * T * d + E * d + used * 2 * d * G)
     flops = 2 * T * (d * E + k * G * 2 * d)
     return 1e3 * max(nbytes / BANDWIDTH, flops / MATMUL)

@@ -90,6 +90,12 @@ def bucket(n_tokens: int) -> int:
     return pow2(n_tokens, floor=1)
 
 
+def expected_share(n_experts: int, k: int, n_tokens: int) -> float:
+    """Share of the experts that n_tokens tokens, each choosing k of n_experts independently and
+    uniformly, are expected to choose at least once."""
+    return 1 - (1 - k / n_experts) ** n_tokens
+
+
 def pow2(n: int, floor: int = 16) -> int:
     """The power of two at or above n, and at least `floor` (a tile length)."""
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
@@ -148,7 +154,7 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
         return dict(TUNED[key])
     G = expert_size
     if n_bucket <= GATHER_MAX_TOKENS:
-        used = n_experts * (1 - (1 - k / n_experts) ** n_bucket)  # experts expected to be chosen
+        used = n_experts * expected_share(n_experts, k, n_bucket)  # experts expected to be chosen
         block_g = min(64, pow2(G), max(16, _pow2_below(used * G / (2 * SMS))))
         return {"mode": "gather", "BLOCK_M": pow2(n_bucket), "BLOCK_G": block_g, "BLOCK_D": 128, "BLOCK_N": 128,
                 "num_warps": 4, "num_stages": 3, "finish": "inline"}

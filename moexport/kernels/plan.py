@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moexport.kernels.configs import SPECULATE_MIN_USE, bucket, experts_config, pow2, tile_config
+from moexport.kernels.configs import SPECULATE_MIN_USE, bucket, expected_share, experts_config, pow2, tile_config
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 SELECTION_CODES = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
@@ -310,8 +310,8 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
             else (str(E), str(n_chunks), str(v_split)))
     plan = {"offsets_ptr": "offsets", "tile_map_ptr": "tile_map", "sorted_slot_ptr": "sorted_slot"}
     lists = {"list_tok_ptr": "list_tok", "list_gate_ptr": "list_gate"}
-    expected_use = 1 - (1 - s.k / E) ** n  # share of the experts the bucket's tokens are expected to choose
-    speculate = not dispatched and block_m >= n and cfg.get("speculate", expected_use >= SPECULATE_MIN_USE)
+    speculate = not dispatched and block_m >= n and cfg.get("speculate",
+                                                           expected_share(E, s.k, n) >= SPECULATE_MIN_USE)
     return Step(
         "experts.experts_kernel", grid,
         {"x_ptr": "x", "keys_ptr": "keys", "bias_ptr": "bias" if s.bias else None, "values_ptr": "values",
