@@ -92,17 +92,28 @@ def _token_list(expert_ptr, gate_ptr, list_tok_ptr, list_gate_ptr, N, e,
 
 
 @triton.jit
-def _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk,
+def _turned(i, turn, n: tl.constexpr):
+    """Step i of n, started at step `turn` (wrapping around) when there is one."""
+    if turn is None:
+        return i
+    else:
+        return (i + turn) % n
+
+
+@triton.jit
+def _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk, turn,
              D: tl.constexpr, G: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """h = act(x[tok] @ keys[e][:, chunk] + bias) for one block of rows, rounded once to the model
-    dtype as the reference; hidden units past G are zero."""
+    dtype as the reference; hidden units past G are zero. The tiles of D are taken from tile `turn`
+    on (see `experts_kernel`)."""
     g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * D
     k_cols = keys_ptr + e.to(tl.int64) * D * G + g[None, :]
     pre = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+    ND: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    for i in range(ND):
+        d = _turned(i, turn, ND) * BLOCK_D + tl.arange(0, BLOCK_D)
         a = tl.load(x_rows + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
         b = tl.load(k_cols + d[:, None] * G, mask=(d[:, None] < D) & (g[None, :] < G), other=0.0)
         pre += mma(a, b)
@@ -112,19 +123,30 @@ def _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk,
 
 
 @triton.jit
-def _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, row_ok, e, chunk, col,
+def _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, row_ok, e, chunk, col, turn,
                G: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, NG: tl.constexpr, V_SPLIT: tl.constexpr,
-               SPAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+               SPAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_DEAD: tl.constexpr):
     """gate * h @ values[e][chunk, :] for output columns [col * SPAN, (col + 1) * SPAN), added into
     the rows `tok` (where row_ok) of the accumulator; then, inline, the rows' last contributor
-    finishes them."""
+    finishes them. The column tiles are taken from tile `turn` on.
+
+    SKIP_DEAD (few rows): a hidden unit whose activation is zero in every added row (ReLU: about half of
+    them for one token, a quarter for two) contributes nothing, so its row of values is not read: the
+    masked copy moves no bytes. (Where such a row holds inf or NaN the reference's 0 * inf gives NaN;
+    this gives 0.) Row tiles of the dispatch plan (up to 128 rows) leave almost no unit dead, and the
+    test cost the fused kernel ~8% at WT103-big, 32768 tokens (H200), so they don't test."""
     g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
+    if SKIP_DEAD:
+        live = tl.max(((h != 0) & row_ok[:, None]).to(tl.int32), axis=0) > 0
+    else:
+        live = g < G
     v_rows = values_ptr + e.to(tl.int64) * G * DV + g[:, None] * DV
     out_rows = acc_ptr + tok.to(tl.int64)[:, None] * DV
     # the trip count stays a constant (pipelined like any tile loop); the span's start is added to it
-    for n0 in range(0, SPAN, BLOCK_N):
-        n = col * SPAN + n0 + tl.arange(0, BLOCK_N)
-        v = tl.load(v_rows + n[None, :], mask=(g[:, None] < G) & (n[None, :] < DV), other=0.0)
+    NB: tl.constexpr = SPAN // BLOCK_N
+    for i in range(NB):
+        n = col * SPAN + _turned(i, turn, NB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        v = tl.load(v_rows + n[None, :], mask=live[:, None] & (n[None, :] < DV), other=0.0)
         add_into(out_rows + n[None, :], mma(h, v) * gate[:, None], row_ok[:, None] & (n[None, :] < DV))
     if y_ptr is not None:
         finish_rows(acc_ptr, count_ptr + tok * V_SPLIT + col, o_bias_ptr, y_ptr, tok, row_ok, col * SPAN, K * NG,
@@ -179,38 +201,46 @@ def experts_kernel(
         tok = slot // K
         gate = tl.load(gate_ptr + slot, mask=row_ok, other=0.0)
         col = _column_span(1, V_SPLIT)
-        h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk, D, G, ACTIVATION, BLOCK_M, BLOCK_G, BLOCK_D)
-        _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, row_ok, e, chunk, col,
-                   G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N)
+        h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk, None, D, G, ACTIVATION, BLOCK_M, BLOCK_G,
+                     BLOCK_D)
+        _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, row_ok, e, chunk, col, None,
+                   G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N, False)
     else:
         e = tl.program_id(0)
         chunk = tl.program_id(1)
         col = _column_span(2, V_SPLIT)
+        # every program here reads the same token rows of x and adds into the same rows of y: taken in the
+        # same order, their tiles meet in the same L2 lines at the same time (an up loop of 16 tokens without
+        # its key loads took 750 cycles a step against 210 without the x loads too, H200); each program
+        # starts at its own tile instead (in the whole kernel, within the noise: kernels_notes.md, round 7)
+        turn = e * NG + chunk
         if SPECULATE:
             # all N <= BLOCK_M tokens in one block, most experts chosen: the up projection of every
             # token needs no routing (launched with launch_pdl, it may run while the route kernel
             # does) and no token list; the routing then only picks the rows to add
             tok = tl.arange(0, BLOCK_M)
-            h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, tok < N, e, chunk, D, G, ACTIVATION, BLOCK_M, BLOCK_G,
-                         BLOCK_D)
+            h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, tok < N, e, chunk, turn, D, G, ACTIVATION, BLOCK_M,
+                         BLOCK_G, BLOCK_D)
             wait_for_producer()
             gate, chose = _gates_of(expert_ptr, gate_ptr, tok, N, e, K, BLOCK_K)
             if tl.max(chose.to(tl.int32), axis=0) > 0:
                 _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, chose, e, chunk, col,
-                           G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N)
+                           turn, G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N, True)
         else:
             # launched with launch_pdl, the program started while the route kernel runs
             wait_for_producer()
             mine = ((e * NG + chunk) * V_SPLIT + col).to(tl.int64) * N
             n_rows = _token_list(expert_ptr, gate_ptr, list_tok_ptr + mine, list_gate_ptr + mine, N, e, K, BLOCK_S,
                                  BLOCK_K)
-            for r0 in range(0, n_rows, BLOCK_M):
+            # not pipelined (it never was: the tile loops inside are the innermost); said explicitly because
+            # where both tile loops take one trip, triton 3.6 tried to and failed on the masked value loads
+            for r0 in tl.range(0, n_rows, BLOCK_M, num_stages=1):
                 i = r0 + tl.arange(0, BLOCK_M)
                 row_ok = i < n_rows
                 # .cg: past L1, which may hold the list's lines from before the other threads' stores
                 tok = tl.load(list_tok_ptr + mine + i, mask=row_ok, other=0, cache_modifier=".cg")
                 gate = tl.load(list_gate_ptr + mine + i, mask=row_ok, other=0.0, cache_modifier=".cg")
-                h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk, D, G, ACTIVATION, BLOCK_M, BLOCK_G,
-                             BLOCK_D)
+                h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, row_ok, e, chunk, turn, D, G, ACTIVATION, BLOCK_M,
+                             BLOCK_G, BLOCK_D)
                 _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, row_ok, e, chunk, col,
-                           G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N)
+                           turn, G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N, True)

@@ -193,3 +193,28 @@ def test_every_experts_sequence_matches_the_reference(mode, finish, dtype, bias,
     plan = ops._layer_plan(x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
     assert plan.notes["finish"] == ("atomic" if dtype == torch.float32 else finish)
     assert_close(forward(layer, x), layer.reference_forward(x), dtype, f"y {mode} {finish} {dtype}")
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_values_of_units_no_added_row_activates_are_not_read(speculate, device, monkeypatch):
+    """ReLU units that are zero for every token a gather program adds contribute nothing, and the
+    program does not read their rows of values: here those rows hold NaN, which any read would carry
+    into y (0 * NaN), and y must equal the reference's with the rows zeroed."""
+    from moexport.kernels import configs, ops
+
+    layer = make_layer(torch.bfloat16, expert_size=32, device=device).eval()
+    dead = torch.arange(32) % 3 == 0
+    with torch.no_grad():
+        layer.bias[:, dead] = -1e4  # far below any x @ keys here: these units never fire
+        layer.values[:, dead] = 0.0
+    expected = layer.reference_forward(x := torch.randn(9, 24).to(device, torch.bfloat16))
+    with torch.no_grad():
+        layer.values[:, dead] = float("nan")
+    config = {"mode": "gather", "BLOCK_M": 16, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 4,
+              "num_stages": 2, "finish": "inline", "speculate": speculate}
+    monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, 16), config)
+    monkeypatch.setattr(ops, "_PLANS", {})
+    monkeypatch.setattr(ops, "_LAYER_PLANS", {})
+    y = forward(layer, x)
+    assert torch.isfinite(y).all(), "a dead unit's row of values was read"
+    assert_close(y, expected, torch.bfloat16, f"y speculate={speculate}")
