@@ -9,8 +9,9 @@ flushed before every call, so weights come from device memory (`FLUSHES`):
 - σ-MoE on the moexport kernels: eagerly as a user calls it (direct launches of the compiled
   kernels), eagerly with the opt-in cached-graph replays (`cuda_graph=True`:
   `moexport.kernels.graphs`), each with its host time per call, and from the caller's own CUDA graph;
-- the floor: max(bytes / 4.25 TB/s, FLOPs / 690 TFLOP/s), bytes = x, y, router and the weights of
-  the experts expected to be selected at least once; FLOPs = router + k experts.
+- the floor: max(bytes / 4.25 TB/s, FLOPs / 690 TFLOP/s), bytes = x, y, router, the keys of the
+  experts the cell's tokens select and the rows of their values some token activates (the rest
+  meet only ReLU zeros; the gather kernels don't read them); FLOPs = router + k experts.
 
 The kernel output is compared with the grouped_mm baseline (same routing rule) in every cell.
 """
@@ -39,16 +40,21 @@ GRAPH_MAX_TOKENS = 32768
 DEVICE = "cuda"
 
 COLUMNS = ["shape", "T", "path", "dense_param_ms", "dense_compute_ms", "grouped_mm_ms", "moe_ms", "moe_cached_ms",
-           "floor_ms", "moe_host_us", "moe_cached_host_us", "dense_param_graph_ms", "dense_compute_graph_ms",
-           "moe_graph_ms", "vs_param", "vs_param_graph", "vs_compute", "vs_compute_graph", "vs_grouped_mm",
-           "max_err", "flips"]
+           "floor_ms", "value_rows_live", "moe_host_us", "moe_cached_host_us", "dense_param_graph_ms",
+           "dense_compute_graph_ms", "moe_graph_ms", "vs_param", "vs_param_graph", "vs_compute", "vs_compute_graph",
+           "vs_grouped_mm", "max_err", "flips"]
 
 
-def floor_ms(d: int, E: int, G: int, k: int, T: int) -> float:
+def floor_ms(d: int, E: int, G: int, k: int, T: int, *, used: float | None = None,
+             value_rows: float | None = None) -> float:
+    """max(bytes / BANDWIDTH, FLOPs / MATMUL): bytes of x, y, the router, the keys of the `used` experts
+    (default: the number expected to be selected at least once) and `value_rows` rows of values
+    (default: all of the used experts')."""
     from moexport.kernels.configs import expected_share
 
-    used = E * expected_share(E, k, T)  # experts expected to be selected at least once
-    nbytes = 2 * (2 * T * d + E * d + used * 2 * d * G)
+    used = E * expected_share(E, k, T) if used is None else used
+    value_rows = used * G if value_rows is None else value_rows
+    nbytes = 2 * (2 * T * d + E * d + used * d * G + value_rows * d)
     flops = 2 * T * (d * E + k * G * 2 * d)
     return 1e3 * max(nbytes / BANDWIDTH, flops / MATMUL)
 
@@ -134,9 +140,24 @@ class _Layer:
     def moe(self, x, cuda_graph=None):
         return self._sigma_moe(x, self.sel, self.keys, self.values, k=self.k, cuda_graph=cuda_graph)
 
-    def grouped_mm(self, x):
+    def route(self, x):
         logits = F.linear(x.float(), self.sel.float())
-        gate, expert = torch.sigmoid(logits).topk(self.k, dim=-1)  # same rule on distinct logits
+        return torch.sigmoid(logits).topk(self.k, dim=-1)  # same rule on distinct logits
+
+    def rows_needed(self, x) -> tuple[int, int]:
+        """(experts some token selects, rows of their values some token activates): of an expert's
+        values only the rows of hidden units some of its tokens activate take part in y (ReLU zeros
+        the rest), and the kernels read only those (`experts.experts_kernel`)."""
+        _, expert = self.route(x)
+        used = live = 0
+        for e in expert.unique().tolist():
+            tokens = (expert == e).any(dim=1)
+            live += int((F.relu(x[tokens] @ self.keys[e]) != 0).any(dim=0).sum())
+            used += 1
+        return used, live
+
+    def grouped_mm(self, x):
+        gate, expert = self.route(x)
         flat = expert.reshape(-1)
         order = torch.argsort(flat, stable=True)
         offs = torch.cumsum(torch.bincount(flat, minlength=self.E), 0).to(torch.int32)
@@ -190,7 +211,9 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
     d, E, G, k = SHAPES[name]
     layer = _Layer(d, E, G, k)
     x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
-    row = {"shape": name, "T": T, "path": _mode(name, T), "floor_ms": floor_ms(d, E, G, k, T)}
+    used, live = layer.rows_needed(x)
+    row = {"shape": name, "T": T, "path": _mode(name, T), "experts_used": used, "value_rows_live": live / (used * G),
+           "floor_ms": floor_ms(d, E, G, k, T, used=used, value_rows=live)}
     calls = {"dense_param": lambda: layer.dense(x, layer.w1, layer.w2),
              "dense_compute": lambda: layer.dense(x, layer.c1, layer.c2), "moe": lambda: layer.moe(x),
              "moe_cached": lambda: layer.moe(x, cuda_graph=True)}
@@ -249,7 +272,9 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
     if T <= GATHER_MAX_TOKENS:
         grid = [(16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3), (32, 256, 256, 8, 3),
                 (32, 64, 64, 4, 4), (16, 512, 512, 8, 2), (32, 512, 256, 8, 2), (64, 256, 256, 8, 3),
-                (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 64, 128, 8, 6)]
+                (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 64, 128, 8, 6),
+                # round 7: wider value tiles (more independent MMAs a step) and two programs an SM
+                (128, 128, 256, 8, 3), (64, 128, 128, 8, 3), (64, 128, 256, 8, 3)]
         grid = [(default["BLOCK_M"], *c) for c in grid]
         mode = "gather"
     elif T <= 1024:
@@ -533,7 +558,10 @@ comparison each uses:
 `vs_compute` = moe_ms / dense_compute_ms and `vs_compute_graph` = moe_graph_ms /
 dense_compute_graph_ms: <= 2 for T <= 16; `vs_grouped_mm` = grouped_mm_ms / moe_ms (>= 3); all
 eager/eager except the one marked graph/graph. `floor_ms` = max(bytes / 4.25 TB/s, FLOPs / 690
-TFLOP/s), bytes = x, y, router and the experts expected to be selected. `max_err` = max |moe -
+TFLOP/s), bytes = x, y, router, the keys of the experts the tokens select and the rows of their values
+some token activates: `value_rows_live`, their share of those experts' value rows (the rest meet only
+ReLU zeros, and the gather kernels don't read them; here, random weights, a unit fires for about half
+of the tokens; in the shipped trained model for 23-37% of them). `max_err` = max |moe -
 grouped_mm| / max |grouped_mm| over tokens routed alike; `flips` = tokens whose expert set differs
 (row error > 5%), with the largest k-th vs (k+1)-th logit gap among them in the JSON
 (`flip_margin`): near-ties that float32 logits summed in another order may decide either way.

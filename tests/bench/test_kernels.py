@@ -39,3 +39,14 @@ def test_pick_bounds_the_error_and_gives_timing_noise_to_the_more_accurate_confi
     host_bound = {"config": "e", "ms": 9.0, "graph_ms": 1.5, "max_err": 0.0}
     assert pick([fastest_ok, host_bound], 256)["config"] == "e"
     assert pick([fastest_ok, host_bound], 4096)["config"] == "b"
+
+
+def test_rows_needed_counts_the_selected_experts_and_their_units_some_token_activates():
+    """Unit 0 of every expert sees negative pre-activations only (ReLU zeros: its values are never
+    needed); every other unit is positive for every token."""
+    layer = _Layer(16, 4, 8, 2, device="cpu", dtype=torch.float32)
+    layer.keys = torch.rand(4, 16, 8) + 0.1
+    layer.keys[:, :, 0] *= -1
+    x = torch.rand(3, 16) + 0.1
+    used = len(layer.route(x)[1].unique())
+    assert layer.rows_needed(x) == (used, used * 7)
