@@ -38,13 +38,15 @@ ROUTE_FIELDS = ("BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
 
 def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
              finish: str = "inline", route: tuple[int, int, int, int] | None = None,
-             v_split: int = 1) -> dict[str, Any]:
+             v_split: int = 1, speculate: bool | None = None) -> dict[str, Any]:
     config = {"mode": mode, "BLOCK_M": m, "BLOCK_G": g, "BLOCK_D": d, "BLOCK_N": n, "num_warps": warps,
               "num_stages": stages, "finish": finish}
     if v_split > 1:
         config["V_SPLIT"] = v_split
     if route:
         config["route"] = dict(zip(ROUTE_FIELDS, route))
+    if speculate is not None:
+        config["speculate"] = speculate
     return config
 
 
@@ -57,27 +59,32 @@ def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
 # round 2's tiles with float32 sums. Round 5: the large shape at 16 and 256 tokens (gather with
 # 128-unit chunks, and at 256 one 64-row block per expert: none of its weights read twice). Rounds 1-5
 # flushed L2 with a memset (do_bench's); round 6's sweeps at 16 tokens with the read flush found
-# other tiles at most ~5% faster there (within run-to-run noise), so these stay.
+# other tiles at most ~5% faster there (within run-to-run noise). Round 7 (gather programs skip the
+# values of dead units and start at their own tiles): 16 tokens from a new tile sweep, read flush
+# (kernels_tiles_h200_round7.json).
 TUNED: dict[tuple, dict[str, Any]] = {
     ("experts", 412, 16, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # small 1
-    ("experts", 412, 16, 128, 412, 4, 16): _experts("gather", 16, 32, 128, 128, 4, 3, "atomic"),  # small 16
+    ("experts", 412, 16, 128, 412, 4, 16): _experts("gather", 16, 32, 128, 128, 4, 3, "atomic",  # small 16
+        v_split=2),
     ("experts", 412, 16, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3, "atomic"),  # small 256
     ("experts", 412, 16, 128, 412, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 3),  # small 4096
     ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "atomic"),  # small 32768
     ("experts", 1024, 32, 128, 1024, 4, 1): _experts("gather", 16, 32, 256, 256, 8, 3),  # big 1
-    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic"),  # big 16
+    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic",  # big 16
+        v_split=2),
     ("experts", 1024, 32, 128, 1024, 4, 256): _experts("gather", 64, 64, 128, 128, 8, 3,  # big 256
         "atomic", v_split=2),
     ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4, "atomic"),  # big 4096
     ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 64, 8, 3, "atomic"),  # big 32768
     ("experts", 412, 128, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # 238M 1
-    ("experts", 412, 128, 128, 412, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic"),  # 238M 16
+    ("experts", 412, 128, 128, 412, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic",  # 238M 16
+        speculate=False),
     ("experts", 412, 128, 128, 412, 4, 256): _experts("gather", 32, 64, 128, 128, 4, 3, "atomic"),  # 238M 256
     ("experts", 412, 128, 128, 412, 4, 4096): _experts("fused", 128, 128, 128, 64, 8, 2, "atomic"),  # 238M 4096
     ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3,  # 238M 32768
         "atomic", route=(128, 64, 8, 3)),
     ("experts", 2048, 64, 256, 2048, 8, 1): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 1
-    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 128, 128, 128, 8, 3, "atomic"),  # large 16
+    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 128, 128, 128, 8, 4, "atomic"),  # large 16
     ("experts", 2048, 64, 256, 2048, 8, 256): _experts("gather", 64, 128, 128, 128, 8, 3, "atomic"),  # large 256
     ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("split", 128, 128, 64, 64, 8, 4, "atomic"),  # large 4096
     ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4,  # large 32768
