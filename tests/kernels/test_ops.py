@@ -31,6 +31,20 @@ def assert_close(actual, expected, dtype, what):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=tol.rtol, atol=tol.atol, msg=what)
 
 
+# small tiles for make_layer's shapes (d 24, expert_size 32, v_dim 20): several tiles along every dimension
+SMALL_TILES = {"BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+
+
+def ship_experts_config(monkeypatch, config: dict, n_tokens: int) -> None:
+    """Make `config` the experts config of make_layer(expert_size=32) at n_tokens for this test, with
+    the plan caches emptied so that the next call plans with it."""
+    from moexport.kernels import configs, ops
+
+    monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, configs.bucket(n_tokens)), config)
+    monkeypatch.setattr(ops, "_PLANS", {})
+    monkeypatch.setattr(ops, "_LAYER_PLANS", {})
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("selection, activation", [("sigmoid", "relu"), ("softmax", "gelu"),
                                                    ("softmax_after_topk", "silu")])
@@ -147,14 +161,11 @@ def test_gather_with_and_without_speculation_matches_the_reference(speculate, fi
     """Speculating gather programs compute every token's up projection before reading the routing and
     add only the rows of the tokens that chose their expert: the others must get nothing from it
     (6 experts, k = 2, 9 tokens: every expert misses some tokens, with and without the bias)."""
-    from moexport.kernels import configs, ops
+    from moexport.kernels import ops
 
     layer = make_layer(torch.bfloat16, expert_size=32, device=device).eval()
-    config = {"mode": "gather", "BLOCK_M": 16, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 4,
-              "num_stages": 2, "finish": finish, "speculate": speculate}
-    monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, 16), config)
-    monkeypatch.setattr(ops, "_PLANS", {})
-    monkeypatch.setattr(ops, "_LAYER_PLANS", {})
+    ship_experts_config(monkeypatch, {"mode": "gather", "BLOCK_M": 16, **SMALL_TILES, "finish": finish,
+                                      "speculate": speculate}, 9)
     x = torch.randn(9, 24).to(device, torch.bfloat16)
     plan = ops._layer_plan(x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
     assert plan.steps[-1].constexprs["SPECULATE"] == speculate
@@ -180,15 +191,12 @@ def test_every_experts_sequence_matches_the_reference(mode, finish, dtype, bias,
 
     layer = make_layer(dtype, expert_size=32, bias=bias, device=device).eval()
     # two spans of output columns per row block (V_SPLIT): 16 and the last 4 of v_dim 20
-    config = {"mode": mode, "BLOCK_M": 16 if mode == "gather" else 32, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16,
-              "num_warps": 4, "num_stages": 2, "finish": finish, "V_SPLIT": 2}
-    monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, configs.bucket(n_tokens)), config)
+    ship_experts_config(monkeypatch, {"mode": mode, "BLOCK_M": 16 if mode == "gather" else 32, **SMALL_TILES,
+                                      "finish": finish, "V_SPLIT": 2}, n_tokens)
     # the split sequence's down projection in two column tiles, each rounded by its own last contributor
     monkeypatch.setitem(configs.TUNED, ("down", 32, 20, configs.bucket(n_tokens)),
                         {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2})
     monkeypatch.setattr(plans, "GATHER_SCAN", 64)
-    monkeypatch.setattr(ops, "_PLANS", {})
-    monkeypatch.setattr(ops, "_LAYER_PLANS", {})
     x = torch.randn(n_tokens, 24).to(device, dtype)
     plan = ops._layer_plan(x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
     assert plan.notes["finish"] == ("atomic" if dtype == torch.float32 else finish)
@@ -200,8 +208,6 @@ def test_values_of_units_no_added_row_activates_are_not_read(speculate, device, 
     """ReLU units that are zero for every token a gather program adds contribute nothing, and the
     program does not read their rows of values: here those rows hold NaN, which any read would carry
     into y (0 * NaN), and y must equal the reference's with the rows zeroed."""
-    from moexport.kernels import configs, ops
-
     layer = make_layer(torch.bfloat16, expert_size=32, device=device).eval()
     dead = torch.arange(32) % 3 == 0
     with torch.no_grad():
@@ -210,11 +216,8 @@ def test_values_of_units_no_added_row_activates_are_not_read(speculate, device, 
     expected = layer.reference_forward(x := torch.randn(9, 24).to(device, torch.bfloat16))
     with torch.no_grad():
         layer.values[:, dead] = float("nan")
-    config = {"mode": "gather", "BLOCK_M": 16, "BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 4,
-              "num_stages": 2, "finish": "inline", "speculate": speculate}
-    monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, 16), config)
-    monkeypatch.setattr(ops, "_PLANS", {})
-    monkeypatch.setattr(ops, "_LAYER_PLANS", {})
+    ship_experts_config(monkeypatch, {"mode": "gather", "BLOCK_M": 16, **SMALL_TILES, "finish": "inline",
+                                      "speculate": speculate}, 9)
     y = forward(layer, x)
     assert torch.isfinite(y).all(), "a dead unit's row of values was read"
     assert_close(y, expected, torch.bfloat16, f"y speculate={speculate}")
