@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,3 +29,9 @@ def _seed():
 def tmp_out(tmp_path):
     """A fresh folder for files a test writes."""
     return tmp_path
+
+
+@pytest.fixture
+def rng():
+    """A seeded NumPy generator."""
+    return np.random.default_rng(0)

@@ -23,3 +23,8 @@ class MoexportError(Exception):
 
 class InternalError(Exception):
     """A bug in moexport: an invariant that should hold did not."""
+
+
+def first_line(error: Exception) -> str:
+    """The first non-blank line of an error's message (its type name when there is none)."""
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)

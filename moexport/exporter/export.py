@@ -4,7 +4,7 @@ How: during the export only, every σ-MoE layer's forward is swapped for one tha
 ``moexport::SigmaMoE`` node (`torch.onnx.ops.symbolic_multi_out`, traced by the dynamo exporter), so
 eager mode keeps running the real kernels and the model object is left as it was. The traced graph is
 then *lowered*: each SigmaMoE node becomes its dispatch form (``TopKDispatch`` + ``CVMM``) or its
-portable form (standard ops), both emitted by `moexport.exporter.bodies`. Tracing one node and
+portable form (standard ops), both emitted by `moexport.exporter.forms`. Tracing one node and
 lowering it ourselves, instead of tracing the dispatch ops from PyTorch code, makes every σ-MoE
 subgraph exactly what the graph surgeon's templates expect, whatever the torch version does with the
 surrounding ops.
@@ -16,7 +16,6 @@ import copy
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,19 +24,19 @@ import torch
 import torch.nn as nn
 
 from moexport.core.dtypes import dtype_name, torch_dtype
-from moexport.core.errors import InternalError, MoexportError
+from moexport.core.errors import MoexportError, first_line
+from moexport.core.onnx_files import save_model
 from moexport.core.progress import progress
-from moexport.exporter.functions import FORMS, lower
-from moexport.exporter.opset import DOMAIN, PLUGIN_ATTRIBUTES, VERSION
+from moexport.exporter.forms import FORMS, lower
 from moexport.models.activations import ACTIVATIONS
 from moexport.models.base import ConfigModule
 from moexport.models.routing import SELECTIONS
 from moexport.models.sigma_moe import SigmaMoE
 from moexport.models.transformer import TransformerLM
+from moexport.opset import DOMAIN, PLUGIN_ATTRIBUTES, VERSION
 
 log = logging.getLogger(__name__)
 MIN_OPSET, DEFAULT_OPSET = 18, 20
-_TWO_GB = 2**31
 
 
 def _check_modules(model: nn.Module) -> None:
@@ -253,43 +252,3 @@ def _quiet():
             yield
     finally:
         registry.setLevel(level)
-
-
-def first_line(error: Exception) -> str:
-    """The first non-blank line of an error's message (its type name when there is none)."""
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
-
-def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Read an ONNX file (its external data too unless `load_external_data` is False).
-
-    Raises:
-        MoexportError: The file does not exist or is not a readable ONNX model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MoexportError(str(path), "does not exist", "give the path of an .onnx file")
-    try:
-        return onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as error:  # protobuf and IO errors of a corrupt file
-        raise MoexportError(str(path), f"is not a readable ONNX model ({error})") from None
-
-
-def save_model(model: onnx.ModelProto, path: Path, *, check: bool = True) -> None:
-    """Write `model` atomically (checked by onnx.checker unless `check` is False); weights go to
-    `<name>.data` when it is over 2 GB."""
-    external = model.ByteSize() >= _TWO_GB
-    data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
-        temporary = Path(folder) / path.name
-        onnx.save_model(model, str(temporary), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        try:
-            if check:
-                onnx.checker.check_model(str(temporary), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-            raise InternalError(f"{path}: the exported graph fails onnx.checker: {first_line(error)}") from None
-        if external:
-            os.replace(Path(folder) / data_name, path.parent / data_name)
-        os.replace(temporary, path)
-

@@ -11,7 +11,7 @@ Passes, in order (onnx-graphsurgeon):
    becomes one ``SigmaMoE`` node. With pass 2 this fuses an existing portable ONNX file without its
    checkpoint.
 
-Each pattern is a *template*: the subgraph that `moexport.exporter.bodies` emits for a configuration
+Each pattern is a *template*: the subgraph that `moexport.exporter.forms` emits for a configuration
 (selection, activation, biases, dtype, sizes), so a fused node computes exactly what it replaces.
 Preconditions: the layer's weights are initializers and each intermediate value is used only inside
 the layer (the expert indices may also be a graph output). Candidates are found from anchors
@@ -34,14 +34,21 @@ import onnx.inliner
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from moexport.core.errors import MoexportError
-from moexport.exporter import bodies
-from moexport.exporter.export import first_line, load_model, save_model
-from moexport.exporter.functions import (FORM_INPUTS, attach_functions, build_function,
-                                         default_opset, form_function, sigma_moe_parameters, unique_name)
-from moexport.exporter.opset import DOMAIN, PLUGIN_ATTRIBUTES, VERSION, check_opset_imports
+from moexport.core.errors import MoexportError, first_line
+from moexport.core.onnx_files import load_model, save_model
+from moexport.exporter.forms import (
+    EXPANSION_DOMAIN,
+    FORM_INPUTS,
+    dispatch_route,
+    form_function,
+    sigma_moe_parameters,
+    unique_name,
+)
 from moexport.models.activations import ACTIVATIONS
 from moexport.models.routing import SELECTIONS
+from moexport.opset import DOMAIN, PLUGIN_ATTRIBUTES, VERSION, attach_functions, check_opset_imports
+from moexport.opset.bodies import route
+from moexport.opset.functions import build_function, default_opset
 
 log = logging.getLogger(__name__)
 PASSES = ("routing", "sigma_moe", "sigma_moe_portable")
@@ -113,8 +120,8 @@ def _template_graph(function: onnx.FunctionProto, opset: int) -> gs.Graph:
 
 @lru_cache(maxsize=256)
 def _routing_template(k: int, selection: str, opset: int) -> gs.Graph:
-    function = build_function(lambda op, logits: bodies.route(op, logits, k=k, selection=selection), ("logits",),
-                              [True], domain=bodies.EXPANSION_DOMAIN, name="Route", overload=f"k{k}.{selection}",
+    function = build_function(lambda op, logits: route(op, logits, k=k, selection=selection), ("logits",),
+                              [True], domain=EXPANSION_DOMAIN, name="Route", overload=f"k{k}.{selection}",
                               opset=opset)
     return _template_graph(function, opset)
 
@@ -124,7 +131,7 @@ def _layer_template(form: str, config_items: tuple, present: tuple[bool, ...], o
                     expert_size: int) -> gs.Graph:
     config = dict(config_items)
     function = form_function(form, config, list(present), opset=opset, d_model=d_model, expert_size=expert_size,
-                             routing=bodies.dispatch_route)
+                             routing=dispatch_route)
     return _template_graph(function, opset)
 
 
@@ -424,8 +431,8 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
     src, dst = Path(src), Path(dst)
     model = load_model(src)
     check_opset_imports(model, str(src))
-    try:
-        onnx.checker.check_model(str(src))
+    try:  # the graph in memory, not the file again, where protobuf can hold it
+        onnx.checker.check_model(model if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF else str(src))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise MoexportError(str(src), f"is not a valid ONNX model: {first_line(error)}") from None
     report = FuseReport()

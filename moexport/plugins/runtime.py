@@ -1,10 +1,8 @@
-"""Running graphs with moexport ops: ONNX Runtime (CPU and any other provider) and `onnx.reference`.
+"""ONNX Runtime sessions for graphs with moexport ops.
 
 ONNX Runtime executes the moexport nodes through their model-local function bodies, which it inlines
-when the session is created (`session.disable_aot_function_inlining` must stay off). A registered
-custom-op kernel of the same domain and name would take precedence over the function; the compiled
-C++/CUDA kernel library is a separate issue, and no Python kernel (onnxruntime-extensions) is used,
-since it could not be deployed.
+when the session is created (`session.disable_aot_function_inlining` must stay off), wherever no
+registered kernel of the same domain and name takes precedence.
 """
 from __future__ import annotations
 
@@ -14,10 +12,8 @@ from pathlib import Path
 import onnx
 
 from moexport.core.errors import MoexportError
-from moexport.exporter.export import load_model
-from moexport.exporter.functions import attach_functions
-from moexport.exporter.opset import DOMAIN, check_opset_imports
-from moexport.plugins.reference import REFERENCE_OPS
+from moexport.core.onnx_files import load_model
+from moexport.opset import DOMAIN, attach_functions, check_opset_imports
 
 
 def _load(model: str | os.PathLike | onnx.ModelProto, *, load_external_data: bool) -> tuple[onnx.ModelProto, str]:
@@ -73,12 +69,3 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[s
                                     providers=providers or ["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own Fail/InvalidGraph types for a bad graph
         raise MoexportError(culprit, f"is rejected by ONNX Runtime: {error}") from None
-
-
-def reference_evaluator(model: str | os.PathLike | onnx.ModelProto):
-    """An `onnx.reference.ReferenceEvaluator` that runs the moexport ops with their NumPy references."""
-    from onnx.reference import ReferenceEvaluator
-
-    proto, culprit = _load(model, load_external_data=True)
-    check_opset_imports(proto, culprit)
-    return ReferenceEvaluator(proto, new_ops=REFERENCE_OPS)

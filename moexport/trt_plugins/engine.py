@@ -2,10 +2,10 @@
 
 Backends, in order of preference: TensorRT >= 10 (``import tensorrt``), else TensorRT-RTX
 (``pip install tensorrt-rtx``, ``import tensorrt_rtx``), whose ahead-of-time phase builds an engine on
-a machine without a GPU; that is how CI shows a graph is TensorRT-parsable. The moexport op-set
-plugins are a later issue: until they exist, graphs with moexport nodes build only where the parser
-can fall back to the model-local function bodies, and TensorRT-RTX cannot (its ``NonZero`` needs a
-plugin), so build the portable form there.
+a machine without a GPU; that is how CI shows a graph is TensorRT-parsable. Without the op-set
+plugins, graphs with moexport nodes build only where the parser can fall back to the model-local
+function bodies, and TensorRT-RTX cannot (its ``NonZero`` needs a plugin): build the portable form
+there.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import onnx
 from moexport.core.dtypes import dtype_name
 from moexport.core.errors import MoexportError
 from moexport.core.files import write_atomically
+from moexport.core.onnx_files import load_model
 from moexport.core.progress import progress
-from moexport.exporter.export import load_model
 
 # input name -> one static shape, or (min, opt, max) shapes
 Shapes = dict[str, tuple[int, ...] | tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
@@ -43,15 +43,6 @@ def engine_backend() -> str | None:
     """'tensorrt' or 'tensorrt_rtx': what `build_engine` would use here; None when neither is installed."""
     module = _backend_module()
     return None if module is None else module.__name__
-
-
-def load_plugins() -> list[str]:
-    """Load the TensorRT plugins of the moexport op set; returns the libraries loaded.
-
-    There are none yet (the plugins are a later issue), so engines are built from the portable form
-    and this returns an empty list.
-    """
-    return []
 
 
 def _bounds(name: str, value) -> tuple[tuple[int, ...], ...]:

@@ -16,13 +16,19 @@ from polygraphy.logger import G_LOGGER
 
 from moexport.core.dtypes import Tolerance, dtype_name, tolerance_for
 from moexport.core.errors import MoexportError
+from moexport.core.onnx_files import load_model
 from moexport.core.shapes import parse_shapes
-from moexport.exporter.export import load_model
 from moexport.validate.compare import compare_numeric, compare_routing
 from moexport.validate.inputs import concrete_metadata, make_inputs
 from moexport.validate.report import ValidationReport
-from moexport.validate.runners import (EXPERTS_PREFIX, TorchRunner, onnxrt_runner, routing_name, sigma_moe_layers,
-                                       trt_runner)
+from moexport.validate.runners import (
+    EXPERTS_PREFIX,
+    TorchRunner,
+    onnxrt_runner,
+    routing_name,
+    sigma_moe_layers,
+    trt_runner,
+)
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 RUNNERS = ("onnxrt", "onnxrt-cuda", "trt")
@@ -75,14 +81,14 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
             raise MoexportError(f"runner {name!r}", "is not known", f"use one of {', '.join(RUNNERS)}")
     with contextlib.ExitStack() as stack:
         if is_engine:
-            onnx_path, metadata, outputs, recorded_dtype = artifact, None, None, None
+            source, metadata, outputs, recorded_dtype = artifact, None, None, None
         else:
-            onnx_path, metadata, outputs, recorded_dtype = _prepare_onnx(artifact, routing_names, stack)
+            source, metadata, outputs, recorded_dtype = _prepare_onnx(artifact, routing_names, stack)
         dtype = dtype_name(dtype or recorded_dtype or "float32")
         tolerance = tolerance_for(dtype)
         tolerance = Tolerance(rtol=tolerance.rtol if rtol is None else rtol,
                               atol=tolerance.atol if atol is None else atol, tie=tolerance.tie)
-        artifact_runners = [_make_runner(name, onnx_path) for name in runners]
+        artifact_runners = [_make_runner(name, source) for name in runners]
         if metadata is None:
             metadata, outputs = _engine_io(artifact_runners[0])
         metadata = concrete_metadata(metadata, parse_shapes(shapes))
@@ -125,23 +131,23 @@ def _ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-def _make_runner(name: str, path: Path):
+def _make_runner(name: str, source: Path | onnx.ModelProto):
     if name == "trt":
-        return trt_runner(path)
+        return trt_runner(source)
     if name == "onnxrt":
-        return onnxrt_runner(path)
+        return onnxrt_runner(source)
     if not _ort_has_cuda():
         raise MoexportError(f"runner {name!r}", "needs ONNX Runtime's CUDA execution provider, which is not installed",
                             "install onnxruntime-gpu (pip install 'moexport[gpu]') on a machine with a CUDA GPU")
-    return onnxrt_runner(path, providers=["CUDAExecutionProvider"])
+    return onnxrt_runner(source, providers=["CUDAExecutionProvider"])
 
 
 def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitStack):
     """Read the graph's inputs/outputs and dtype; expose internal expert-index tensors as outputs.
 
     The exporter names each σ-MoE layer's expert indices ``experts.<module path>`` even when they are
-    not graph outputs; marking them as outputs (in a temporary copy) lets routing be compared without
-    re-exporting.
+    not graph outputs; marking them as outputs lets routing be compared without re-exporting. The file
+    is read once: the runners get the graph itself (or, over protobuf's 2 GB, a temporary copy).
     """
     model = load_model(path)
     graph = model.graph
@@ -155,15 +161,16 @@ def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitSta
     outputs = [o.name for o in graph.output]
     recorded = {p.key: p.value for p in model.metadata_props}.get("moexport.dtype")
     internal = sorted({o for node in graph.node for o in node.output if o in routing_names} - set(outputs))
-    if not internal:
-        return path, metadata, outputs, recorded
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    for name in internal:
-        graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.INT64), None))
+    if internal:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+        for name in internal:
+            graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.INT64), None))
+    if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
+        return model, metadata, outputs + internal, recorded
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="moexport-validate-"))
     copy = Path(folder) / path.name
-    onnx.save(model, str(copy), save_as_external_data=model.ByteSize() > 1.8e9)
+    onnx.save(model, str(copy), save_as_external_data=True)
     return copy, metadata, outputs + internal, recorded
 
 

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -124,11 +125,12 @@ class TorchRunner(BaseRunner):
         self.model.train(self._was_training)
 
 
-def onnxrt_runner(path: str | Path, *, providers: list[str] | None = None, name: str | None = None) -> OnnxrtRunner:
+def onnxrt_runner(model: str | Path | onnx.ModelProto, *, providers: list[str] | None = None,
+                  name: str | None = None) -> OnnxrtRunner:
     """Polygraphy's OnnxrtRunner over our own session (moexport's op set registered).
 
     Args:
-        path: ONNX file.
+        model: ONNX file, or the graph itself.
         providers: ONNX Runtime execution providers. Defaults to ["CPUExecutionProvider"].
         name: Runner name. Defaults to "onnxrt-<provider>".
     """
@@ -136,19 +138,16 @@ def onnxrt_runner(path: str | Path, *, providers: list[str] | None = None, name:
 
     providers = providers or ["CPUExecutionProvider"]
     label = providers[0].removesuffix("ExecutionProvider").lower()
-    return OnnxrtRunner(lambda: ort_session(path, providers=providers), name=name or f"onnxrt-{label}")
+    return OnnxrtRunner(lambda: ort_session(model, providers=providers), name=name or f"onnxrt-{label}")
 
 
 def trt_runner(path: str | Path, *, name: str | None = None):
     """Polygraphy's TrtRunner over a serialized TensorRT engine (needs TensorRT >= 10 installed)."""
     try:
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         import tensorrt  # noqa: F401  (polygraphy imports it lazily; fail here with a clear message)
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     except ImportError:
         raise MoexportError(str(path), "is a TensorRT engine, but TensorRT is not installed here",
                             "validate the ONNX file instead, or run on a machine with TensorRT >= 10 "
                             "(pip install 'moexport[trt]')") from None
-    from moexport.trt_plugins import load_plugins
-
-    load_plugins()
     return TrtRunner(EngineFromBytes(Path(path).read_bytes()), name=name or "tensorrt")

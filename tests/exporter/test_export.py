@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 
 import moexport
+from moexport.core import onnx_files
 from moexport.core.dtypes import tolerance_for
 from moexport.core.errors import MoexportError
-from moexport.exporter import export as export_module
 from moexport.exporter import lower
-from moexport.exporter.opset import DOMAIN
 from moexport.models import SigmaMoE, from_preset, preset_config
-from moexport.plugins import ort_session, reference_evaluator
+from moexport.opset import DOMAIN, reference_evaluator
+from moexport.plugins import ort_session
 
 MODES = ["dispatch", "portable"]
 
@@ -141,7 +141,7 @@ def test_the_model_is_left_as_it_was(tmp_path):
 
 
 def test_weights_go_to_external_data_above_the_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "_TWO_GB", 1024)
+    monkeypatch.setattr(onnx_files, "_TWO_GB", 1024)
     module = layer()
     path = moexport.export_onnx(module, tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").stat().st_size > 1024

@@ -9,8 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 import moexport
 from moexport.core.dtypes import tolerance_for
 from moexport.core.errors import MoexportError
-from moexport.exporter.opset import DOMAIN
 from moexport.models import SigmaMoE, from_preset
+from moexport.opset import DOMAIN
 from moexport.plugins import ort_session
 
 MODES = ["dispatch", "portable"]

@@ -8,13 +8,12 @@ import onnx
 import pytest
 import torch
 from onnx import helper
+from opset_cases import sigma_moe_case, single_node_model, tied_logits
 
 from moexport.core.errors import MoexportError
-from moexport.exporter.opset import DOMAIN
 from moexport.models import route
-from moexport.plugins import cvmm, ort_session, topk_dispatch
-
-from conftest import sigma_moe_case, single_node_model, tied_logits
+from moexport.opset import DOMAIN, cvmm, topk_dispatch
+from moexport.plugins import ort_session
 
 SELECTIONS = ["sigmoid", "softmax", "softmax_after_topk"]
 

@@ -1,29 +1,19 @@
 """Standard-ONNX computations of the op set, written once as onnxscript trace functions.
 
-Each trace function takes an onnxscript ``OpBuilder`` and ir values and emits ONNX ops (standard
-ones, and in the dispatch form ``TopKDispatch`` and ``CVMM``). The same functions serve three callers:
-
-- the model-local function bodies of ``TopKDispatch``, ``CVMM`` and ``SigmaMoE`` (what ONNX Runtime,
-  or any runtime without our kernels, inlines and runs): `moexport.exporter.functions.function_body`;
-- the *dispatch* form of a σ-MoE layer (router MatMul, ``TopKDispatch``, two ``CVMM``) and its
-  *portable* form (standard ops only), which `moexport.exporter.functions.lower` puts in place of
-  each ``SigmaMoE`` node;
-- the templates that `moexport.exporter.surgeon` matches to fuse graphs back into ``SigmaMoE``.
+Each trace function takes an onnxscript ``OpBuilder`` and ir values and emits ONNX ops. They are the
+model-local function bodies of ``TopKDispatch``, ``CVMM`` and ``SigmaMoE`` (what ONNX Runtime, or
+any runtime without our kernels, inlines and runs: `moexport.opset.functions.function_body`); the
+exporter builds the dispatch and portable forms of a σ-MoE layer from the same pieces
+(`moexport.exporter.forms`).
 
 Bodies are specialised per configuration (attributes, dtype, number of experts) and told apart by the
-ONNX function ``overload`` field (`config_key`), so none of them branches on a string attribute at run
-time, which TensorRT's parser could not follow.
+ONNX function ``overload`` field (`moexport.opset.functions.config_key`), so none of them branches on
+a string attribute at run time, which TensorRT's parser could not follow.
 
-Forms and their cost (measured on 2 CPU cores, see bench/results/onnx_cpu.md):
-
-- function bodies group the rows of each expert with ``NonZero`` + ``Gather`` (unrolled over the
-  experts) and scatter-add the results back: only k/E of the dense FLOPs, data-dependent intermediate
-  shapes, fast in ONNX Runtime CPU. TensorRT-RTX has no ``NonZero`` (it needs a plugin), so engines
-  get the op-set plugins instead (a later issue).
-- the portable form is *dense-masked*: every expert's hidden units are computed and multiplied by a
-  [.., E] gate mask that is zero outside the selected experts. Static shapes, only MatMul-class ops,
-  TensorRT-parsable; E/k times the expert FLOPs. A per-slot gather of expert weights would only pay
-  for fewer than E/k tokens and moves k·d·G weights per token, so it is not emitted.
+The bodies group the rows of each expert with ``NonZero`` + ``Gather`` (unrolled over the experts)
+and scatter-add the results back: only k/E of the dense FLOPs, data-dependent intermediate shapes,
+fast in ONNX Runtime on the CPU (bench/results/onnx_cpu.md). Runtimes without ``NonZero`` (TensorRT
+needs a plugin for it) run the op-set plugins instead.
 
 Routing is exact whatever a runtime's TopK does with ties: TopK supplies the k best *values*, and the
 expert of slot j is the m-th index (in increasing order) whose logit equals value j, where m counts
@@ -34,11 +24,7 @@ from __future__ import annotations
 import numpy as np
 from onnxscript import ir
 
-from moexport.exporter.opset import DOMAIN, PLUGIN_ATTRIBUTES
-
 FLOAT, INT32, INT64 = ir.DataType.FLOAT, ir.DataType.INT32, ir.DataType.INT64
-# Domain of the temporary function that a SigmaMoE node is replaced by before inlining.
-EXPANSION_DOMAIN = "moexport.expansion"
 
 
 def const(op, value, dtype) -> ir.Value:
@@ -167,58 +153,3 @@ def sigma_moe(op, x, expert_sel, keys, values, bias=None, o_bias=None, *, k: int
     if o_bias is not None:
         out = op.Add(out, as_float(op, o_bias, dtype))
     return unflatten(op, x, out, expert, values, k=k, dtype=dtype, with_expert=with_expert)
-
-
-def dispatch_form(op, x, router_w, keys, values, bias=None, o_bias=None, *, k: int, selection: str,
-                  activation: str, dtype: ir.DataType, opset: int, with_expert: bool, d_model: int, **_):
-    """A σ-MoE layer as router MatMul -> TopKDispatch -> CVMM -> activation -> CVMM.
-
-    Parameter layouts: router_w [d, E] float32, keys [E, d, G] T, values [E, G, dv] T, bias [E, G]
-    float32, o_bias [dv] float32.
-    """
-    moe = op.builder.opset(DOMAIN, 1)
-    flat = op.Reshape(x, const(op, [-1, d_model], np.int64))
-    logits = op.MatMul(as_float(op, flat, dtype), router_w)
-    gate, expert, sorted_expert, sorted_slot = moe.TopKDispatch(
-        logits, k=k, selection=selection, **PLUGIN_ATTRIBUTES, _outputs=4)
-    src_row = op.Div(sorted_slot, const(op, k, np.int32))
-    hidden = moe.CVMM(flat, sorted_expert, src_row, sorted_slot, keys, reduce=0, k=k, **PLUGIN_ATTRIBUTES)
-    if bias is not None:
-        hidden = op.Add(hidden, op.Gather(bias, op.Reshape(expert, const(op, [-1], np.int64))))
-    hidden = round_to(op, activate(op, hidden, activation, opset), dtype)
-    slot_gate = op.Gather(op.Reshape(gate, const(op, [-1], np.int64)), sorted_slot)
-    out = moe.CVMM(hidden, sorted_expert, sorted_slot, sorted_slot, values, slot_gate, reduce=1, k=k,
-                   **PLUGIN_ATTRIBUTES)
-    if o_bias is not None:
-        out = op.Add(out, o_bias)
-    return unflatten(op, x, out, expert, values, k=k, dtype=dtype, with_expert=with_expert)
-
-
-def dispatch_route(op, logits: ir.Value, *, k: int, selection: str) -> tuple[ir.Value, ir.Value]:
-    """`route` as one TopKDispatch node (what the graph surgeon's routing fusion leaves)."""
-    gate, expert, _, _ = op.builder.opset(DOMAIN, 1).TopKDispatch(logits, k=k, selection=selection,
-                                                                    **PLUGIN_ATTRIBUTES, _outputs=4)
-    return gate, expert
-
-
-def portable_form(op, x, router_w, w1, w2, b1=None, o_bias=None, *, k: int, selection: str, activation: str,
-                  dtype: ir.DataType, opset: int, with_expert: bool, n_experts: int, expert_size: int,
-                  routing=route, **_):
-    """A σ-MoE layer in standard ops, dense-masked, any input rank.
-
-    Parameter layouts: router_w [d, E] float32, w1 [d, E*G] T (column e*G+g), w2 [E*G, dv] T,
-    b1 [E*G] T, o_bias [dv] T. `routing` is `route` (standard ops) or `dispatch_route`.
-    """
-    logits = op.MatMul(as_float(op, x, dtype), router_w)
-    gate, expert = routing(op, logits, k=k, selection=selection)
-    chosen = op.Equal(op.Unsqueeze(expert, [-1]), const(op, np.arange(n_experts), np.int32))     # [..., k, E]
-    mask = op.ReduceSum(op.Where(chosen, op.Unsqueeze(gate, [-1]), const(op, 0.0, np.float32)), [-2], keepdims=0)
-    hidden = op.MatMul(x, w1)
-    if b1 is not None:
-        hidden = op.Add(hidden, b1)
-    column_expert = const(op, np.repeat(np.arange(n_experts), expert_size), np.int64)
-    weight = round_to(op, op.Gather(mask, column_expert, axis=-1), dtype)
-    y = op.MatMul(op.Mul(activate(op, hidden, activation, opset), weight), w2)
-    if o_bias is not None:
-        y = op.Add(y, o_bias)
-    return (y, op.Cast(expert, to=INT64)) if with_expert else y

@@ -1,11 +1,9 @@
 """The moexport ONNX op set (domain ``moexport``, version 1): names, attributes and schemas.
 
 This module is the *contract* between the exporter, the function bodies, ONNX Runtime, the Triton
-kernels and the TensorRT plugins. It lives in the exporter room (the leftmost room that writes ONNX)
-so that the exporter and the graph surgeon can use it; `moexport.plugins` (to the right) holds the
-runtime side: reference implementations and ONNX Runtime execution. The schemas are registered with
-``onnx.defs`` when this module is imported (``import moexport`` does), so ``onnx.checker`` and ONNX
-shape inference accept graphs with these nodes.
+kernels and the TensorRT plugins. The schemas are registered with ``onnx.defs`` when this module is
+imported (importing `moexport.opset` does), so ``onnx.checker`` and ONNX shape inference accept
+graphs with these nodes.
 
 Shapes are static functions of the input shapes and attributes; nothing is data dependent.
 Index tensors are int32. ``T`` is float32, float16 or bfloat16.

@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from opset_cases import sigma_moe_case, single_node_model, tied_logits
 
 from moexport.models import route
-from moexport.plugins import reference_evaluator, sigma_moe, topk_dispatch
-
-from conftest import sigma_moe_case, single_node_model, tied_logits
+from moexport.opset import reference_evaluator, sigma_moe, topk_dispatch
 
 
 @pytest.mark.parametrize("selection", ["sigmoid", "softmax", "softmax_after_topk"])

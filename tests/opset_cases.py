@@ -1,12 +1,12 @@
+"""Single-node models and σ-MoE cases that the op-set and ONNX Runtime tests share."""
 import numpy as np
 import onnx
-import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from moexport.exporter.functions import SIGNATURES, attach_functions
-from moexport.exporter.opset import DOMAIN, VERSION
 from moexport.models import SigmaMoE
+from moexport.opset import DOMAIN, VERSION, attach_functions
+from moexport.opset.functions import SIGNATURES
 
 
 def single_node_model(op_type: str, inputs: dict, attributes: dict, *, n_outputs: int | None = None,
@@ -57,8 +57,3 @@ def sigma_moe_case(rng, *, shape, e, k, selection="sigmoid", activation="relu", 
               "values": numpy(layer.values), "bias": numpy(layer.bias), "o_bias": numpy(layer.o_bias)}
     with torch.no_grad():
         return inputs, layer(x), layer.route(x)[1]
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)

@@ -3,8 +3,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import moexport  # noqa: F401  (registers the schemas)
-from moexport.exporter.opset import DOMAIN, OPS, VERSION
+from moexport.opset import DOMAIN, OPS, VERSION
 
 
 def graph_with(node, inputs, outputs):

@@ -1,17 +1,20 @@
-"""NumPy reference implementations of the op set, and their `onnx.reference` operators.
+"""NumPy reference implementations of the op set, their `onnx.reference` operators and evaluator.
 
-Written directly from the contract in `moexport.exporter.opset` (not from the ONNX function bodies),
+Written directly from the contract in `moexport.opset.schemas` (not from the ONNX function bodies),
 so that comparing the two checks the bodies. Numerics follow `moexport.models.sigma_moe`: float32
 logits and accumulation, the hidden activation rounded once to the model dtype, one final rounding.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
+import onnx
 from onnx.reference.op_run import OpRun
 
-from moexport.exporter.opset import DOMAIN
+from moexport.core.onnx_files import load_model
+from moexport.opset.schemas import DOMAIN, check_opset_imports
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 ACTIVATIONS = {
@@ -105,3 +108,12 @@ class SigmaMoE(OpRun):
 
 
 REFERENCE_OPS = [TopKDispatch, CVMM, SigmaMoE]
+
+
+def reference_evaluator(model: str | os.PathLike | onnx.ModelProto):
+    """An `onnx.reference.ReferenceEvaluator` that runs the moexport ops with their NumPy references."""
+    from onnx.reference import ReferenceEvaluator
+
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    check_opset_imports(proto, "the model" if isinstance(model, onnx.ModelProto) else str(model))
+    return ReferenceEvaluator(proto, new_ops=REFERENCE_OPS)

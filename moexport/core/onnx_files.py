@@ -1,0 +1,47 @@
+"""Reading and writing ONNX files: one clear error for an unreadable file, never a half-written one."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from moexport.core.errors import InternalError, MoexportError, first_line
+
+_TWO_GB = 2**31
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file (its external data too unless `load_external_data` is False).
+
+    Raises:
+        MoexportError: The file does not exist or is not a readable ONNX model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MoexportError(str(path), "does not exist", "give the path of an .onnx file")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as error:  # protobuf and IO errors of a corrupt file
+        raise MoexportError(str(path), f"is not a readable ONNX model ({error})") from None
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, check: bool = True) -> None:
+    """Write `model` atomically (checked by onnx.checker unless `check` is False); weights go to
+    `<name>.data` when it is over 2 GB."""
+    external = model.ByteSize() >= _TWO_GB
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
+        temporary = Path(folder) / path.name
+        onnx.save_model(model, str(temporary), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        try:
+            if check:
+                onnx.checker.check_model(str(temporary), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            raise InternalError(f"{path}: the exported graph fails onnx.checker: {first_line(error)}") from None
+        if external:
+            os.replace(Path(folder) / data_name, path.parent / data_name)
+        os.replace(temporary, path)
+
