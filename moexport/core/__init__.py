@@ -1,24 +1,27 @@
 """Shared by every room: error types, dtype names and tolerances, progress, the accelerator registry,
-atomic file writes.
+file helpers (atomic writes, ONNX files).
 
-Every room may import from here; nothing here imports from a room.
+Every room may import from here; nothing here imports from a room. The names below load their module
+when first used: `moexport.core.dtypes` imports torch, which the command line's help need not wait for.
 """
-from moexport.core.errors import InternalError, MoexportError
-from moexport.core.dtypes import DTYPES, Tolerance, TOLERANCES, tolerance_for, torch_dtype, dtype_name
-from moexport.core import accel
-from moexport.core.files import write_atomically
-from moexport.core.progress import progress
+from __future__ import annotations
 
-__all__ = [
-    "MoexportError",
-    "InternalError",
-    "DTYPES",
-    "Tolerance",
-    "TOLERANCES",
-    "tolerance_for",
-    "torch_dtype",
-    "dtype_name",
-    "accel",
-    "progress",
-    "write_atomically",
-]
+import importlib
+
+from moexport.core.errors import InternalError, MoexportError
+
+_LAZY = {
+    "DTYPES": "dtypes", "Tolerance": "dtypes", "TOLERANCES": "dtypes", "tolerance_for": "dtypes",
+    "torch_dtype": "dtypes", "dtype_name": "dtypes", "progress": "progress", "write_atomically": "files",
+}
+
+__all__ = ["DTYPES", "TOLERANCES", "InternalError", "MoexportError", "Tolerance", "accel", "dtype_name", "progress",
+           "tolerance_for", "torch_dtype", "write_atomically"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"moexport.core.{_LAZY[name]}"), name)
+    if name == "accel":
+        return importlib.import_module("moexport.core.accel")
+    raise AttributeError(f"module 'moexport.core' has no attribute {name!r}")

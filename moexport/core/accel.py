@@ -3,15 +3,25 @@
 `models` is the leftmost room and must not import `kernels`; yet on a GPU the model should run the
 Triton kernels. So `kernels` registers its implementation here when it is imported, and the model asks
 for one at call time. Without a registration (CPU, no Triton) the model runs its PyTorch reference.
+The package names the modules that offer an implementation (`provide`); the first lookup of that name
+imports them, so nothing is imported for it before a model runs.
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _REGISTRY: dict[str, list[tuple[Callable[[torch.Tensor], bool], Callable]]] = {}
+_PROVIDERS: dict[str, list[str]] = {}
 _DISABLED: set[str] = set()
+
+
+def provide(name: str, module: str) -> None:
+    """Declare that importing `module` registers an implementation of `name` (imported at the first lookup)."""
+    _PROVIDERS.setdefault(name, []).append(module)
 
 
 def register(name: str, fn: Callable, *, applies: Callable[[torch.Tensor], bool]) -> None:
@@ -23,6 +33,8 @@ def lookup(name: str, x: torch.Tensor) -> Callable | None:
     """The registered implementation of `name` that applies to `x`, or None (use the reference)."""
     if name in _DISABLED:
         return None
+    for module in _PROVIDERS.pop(name, ()):
+        importlib.import_module(module)
     for applies, fn in reversed(_REGISTRY.get(name, [])):
         if applies(x):
             return fn
