@@ -243,11 +243,7 @@ def sigma_moe_train(layer, x: torch.Tensor) -> torch.Tensor:
     """
     flat = x.reshape(-1, layer.d_model)
     shape = plans.MoEShape.of(layer, dtype_name(x.dtype))
-    logits = layer.router_logits(flat)  # float32 also under autocast (the routing rule)
-    layer.remember_logits(logits)
-    drop = None
-    if layer.training and layer.expert_dropout > 0:
-        drop = torch.rand_like(logits) < layer.expert_dropout
+    logits, drop = layer.router_forward(flat)  # the reference's logits and dropped experts
     rank = logits.detach() if drop is None else logits.detach().masked_fill(drop, float("-inf"))
     routed = run_plan(_plan(plans.route_plan, shape, bucket(flat.shape[0])), {"logits": rank})
     gate = gates_of(logits, routed["expert"].long(), layer.selection, drop_mask=drop)
