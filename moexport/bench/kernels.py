@@ -116,12 +116,14 @@ def _graphed(fn):
 
 
 class _Layer:
-    """Weights of one shape, and the implementations timed against each other."""
+    """Weights of one shape, and the implementations timed against each other; the σ-MoE planned with
+    `configs` (a `ConfigTable`; None: the shipped one)."""
 
-    def __init__(self, d, E, G, k, device=None, dtype=torch.bfloat16):
+    def __init__(self, d, E, G, k, device=None, dtype=torch.bfloat16, configs=None):
         from moexport.kernels import sigma_moe_forward
 
         self._sigma_moe = sigma_moe_forward  # looked up once, as a user's import: not in the host time
+        self.configs = configs
         device = device or DEVICE
         g = torch.Generator(device="cpu").manual_seed(0)
         make = lambda *s, scale: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
@@ -138,7 +140,8 @@ class _Layer:
         return F.linear(F.relu(F.linear(x, w1)), w2)
 
     def moe(self, x, cuda_graph=None):
-        return self._sigma_moe(x, self.sel, self.keys, self.values, k=self.k, cuda_graph=cuda_graph)
+        return self._sigma_moe(x, self.sel, self.keys, self.values, k=self.k, cuda_graph=cuda_graph,
+                               configs=self.configs)
 
     def route(self, x):
         logits = F.linear(x.float(), self.sel.float())
@@ -198,21 +201,24 @@ def _host_us(fn, n: int = 100) -> float:
     return 1e6 * host / n
 
 
-def _mode(name: str, T: int) -> str:
+def _mode(name: str, T: int, configs=None) -> str:
     """The sequence and how a token's k contributions are summed, e.g. 'fused, pass'."""
     from moexport.kernels.configs import bucket, experts_config
 
     d, E, G, k = SHAPES[name]
-    cfg = experts_config(d, E, G, d, k, bucket(T))
+    cfg = experts_config(d, E, G, d, k, bucket(T), configs=configs)
     return f"{cfg['mode']}, {cfg.get('finish', 'inline')}"
 
 
-def measure(name: str, T: int, *, graph: bool = True) -> dict:
+def measure(name: str, T: int, *, graph: bool = True, configs=None) -> dict:
+    """One row of the table: every implementation timed at one shape and token count, the σ-MoE
+    planned with `configs` (a `ConfigTable`; None: the shipped one)."""
     d, E, G, k = SHAPES[name]
-    layer = _Layer(d, E, G, k)
+    layer = _Layer(d, E, G, k, configs=configs)
     x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
     used, live = layer.rows_needed(x)
-    row = {"shape": name, "T": T, "path": _mode(name, T), "experts_used": used, "value_rows_live": live / (used * G),
+    row = {"shape": name, "T": T, "path": _mode(name, T, configs), "experts_used": used,
+           "value_rows_live": live / (used * G),
            "floor_ms": floor_ms(d, E, G, k, T, used=used, value_rows=live)}
     calls = {"dense_param": lambda: layer.dense(x, layer.w1, layer.w2),
              "dense_compute": lambda: layer.dense(x, layer.c1, layer.c2), "moe": lambda: layer.moe(x),
@@ -246,16 +252,16 @@ def measure(name: str, T: int, *, graph: bool = True) -> dict:
     return row
 
 
-def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
+def candidates(name: str, T: int, *, sequences: bool = False, configs=None) -> list[dict]:
     """Experts configs worth timing for a shape and token count (see `configs.experts_config`):
     tile configs of the shipped summation (column spans, route tiles), or with `sequences` each
     sequence and summation (`finish`) with the shipped tiles:
     up to 64 tokens the gather sequence, up to 1024 also gather tiles against the fused sequence,
-    beyond fused and split."""
+    beyond fused and split. "Shipped": of `configs` (a `ConfigTable`; None: the shipped one)."""
     from moexport.kernels.configs import GATHER_MAX_TOKENS, ROUTE_FIELDS, bucket, experts_config
 
     d, E, G, k = SHAPES[name]
-    default = experts_config(d, E, G, d, k, bucket(T))
+    default = experts_config(d, E, G, d, k, bucket(T), configs=configs)
     if sequences:
         finishes = ("inline", "atomic") if T <= 1024 else ("inline", "pass", "atomic")
         if T <= GATHER_MAX_TOKENS:
@@ -314,28 +320,27 @@ def candidates(name: str, T: int, *, sequences: bool = False) -> list[dict]:
 
 
 def _tuned_key(name: str, T: int) -> tuple:
-    from moexport.kernels.configs import bucket
+    from moexport.kernels.configs import experts_key
 
     d, E, G, k = SHAPES[name]
-    return ("experts", d, E, G, d, k, bucket(T))
+    return experts_key(d, E, G, d, k, T)
 
 
-def _use(name: str, T: int, config: dict | None) -> None:
-    """Make `config` the experts config of (shape, T) for the next plans built."""
-    from moexport.kernels import configs, ops
+def _trying(name: str, T: int, config: dict | None, configs=None):
+    """The table that makes `config` the experts config of (shape, T) on top of `configs` (None: the
+    shipped one); `configs` itself for no config."""
+    from moexport.kernels.configs import shipped
 
-    if config is not None:
-        configs.TUNED[_tuned_key(name, T)] = dict(config)
-    ops._PLANS.clear()
-    ops._LAYER_PLANS.clear()
+    if config is None:
+        return configs
+    return (shipped() if configs is None else configs).merged({_tuned_key(name, T): config})
 
 
 def _warm_one(task: tuple) -> str:
-    """Compile (into Triton's disk cache) the kernels of one (shape, T, config), in a worker process."""
-    name, T, config = task
+    """Compile (into Triton's disk cache) the kernels of one (shape, T, config, table), in a worker process."""
+    name, T, config, configs = task
     try:
-        _use(name, T, config)
-        layer = _Layer(*SHAPES[name])
+        layer = _Layer(*SHAPES[name], configs=_trying(name, T, config, configs))
         with torch.no_grad():
             layer.moe(torch.randn(T, layer.d, device=DEVICE, dtype=torch.bfloat16))
         torch.cuda.synchronize()
@@ -396,34 +401,32 @@ def pick(timings: list[dict], T: int) -> dict | None:
     return min((t for t in ok if speed(t) <= NOISE * fastest), key=lambda t: (t["max_err"], speed(t)))
 
 
-def tune(name: str, T: int, *, sequences: bool = False) -> dict:
+def tune(name: str, T: int, *, sequences: bool = False, configs=None) -> dict:
     """Time every candidate experts config of one shape and token count (eager and graph replay),
-    checking each one's output against torch._grouped_mm; returns them all and the one `pick` ships."""
+    checking each one's output against torch._grouped_mm; returns them all and the one `pick` ships.
+    Candidates are tried on top of `configs` (a `ConfigTable`; None: the shipped one)."""
     d, E, G, k = SHAPES[name]
     layer = _Layer(d, E, G, k)
     x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
     timings = []
     with torch.no_grad():
         ref = layer.grouped_mm(x)
-        for config in candidates(name, T, sequences=sequences):
-            _use(name, T, config)
+        for config in candidates(name, T, sequences=sequences, configs=configs):
+            layer.configs = _trying(name, T, config, configs)
             try:
                 agree = _agreement(layer, x, layer.moe(x), ref)
                 timings.append({"config": config, "ms": _time(lambda: layer.moe(x), rep=25),
                                 "graph_ms": _time(_graphed(lambda: layer.moe(x)), rep=25), **agree})
             except Exception as error:  # noqa: BLE001 - a config that does not compile is skipped
                 print(f"skip {name} T={T} {config}: {str(error).splitlines()[0][:120]}")
-    from moexport.kernels import configs
-
     best = pick(timings, T)
     cell = {"shape": name, "T": T, "key": list(_tuned_key(name, T)), "best": best and best["config"],
             "dense_param_ms": _time(lambda: layer.dense(x, layer.w1, layer.w2)),
             "dense_compute_ms": _time(lambda: layer.dense(x, layer.c1, layer.c2)), "timings": timings}
     if best:  # last: the profiler can slow later host calls down
-        _use(name, T, best["config"])
+        layer.configs = _trying(name, T, best["config"], configs)
         with torch.no_grad():
             cell["kernels_us"] = _kernel_us(lambda: layer.moe(x))
-    configs.TUNED.pop(_tuned_key(name, T), None)
     return cell
 
 
@@ -467,11 +470,12 @@ def main(argv: list[str] | None = None) -> int:
                              "dirty, written back during the timed call).")
     parser.add_argument("--tune", action="store_true",
                         help="Instead of benchmarking, time the candidate experts configs; write them all as JSON "
-                             "and print the best in the form of `configs.TUNED`.")
+                             "and print the best in the form of moexport/kernels/configs.json.")
     parser.add_argument("--sequences", action="store_true",
                         help="With --tune: time the sequences and roundings with the shipped tiles, not tiles.")
     parser.add_argument("--configs", default=None,
-                        help="A JSON file written by --tune: its best configs replace the shipped ones.")
+                        help="A JSON file written by --tune: its best configs replace the shipped ones of the same "
+                             "keys.")
     parser.add_argument("--jobs", type=int, default=1, help="Processes compiling kernels ahead. Defaults to 1.")
     parser.add_argument("--compile-only", action="store_true",
                         help="Only compile (with --jobs processes) the kernels the run would time, then exit.")
@@ -486,15 +490,16 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name()
     cells = [(s, t) for s in shapes for t in (args.tokens or TOKENS)]
     out_dir = Path(args.output or "bench/results")
+    configs = None
     if args.configs:
-        from moexport.kernels import configs
+        from moexport.kernels.configs import shipped
 
         cells_tuned = json.loads(Path(args.configs).read_text())
         tuned = {tuple(cell["key"]): cell["best"] for cell in cells_tuned if cell["best"]}
-        configs.TUNED.update(tuned)
+        configs = shipped().merged(tuned)
         print(f"{len(tuned)} configs from {args.configs}")
-    tasks = [(s, t, c) for s, t in cells
-             for c in (candidates(s, t, sequences=args.sequences) if args.tune else [None])]
+    tasks = [(s, t, c, configs) for s, t in cells
+             for c in (candidates(s, t, sequences=args.sequences, configs=configs) if args.tune else [None])]
     if args.compile_only:
         warm(tasks, max(2, args.jobs))
         return 0
@@ -502,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         found = []
         for s, t in cells:
-            found.append(tune(s, t, sequences=args.sequences))
+            found.append(tune(s, t, sequences=args.sequences, configs=configs))
             print(json.dumps({k: v for k, v in found[-1].items() if k != "timings"}), flush=True)
         out = out_dir / f"{args.name or 'kernels_tuned_' + gpu.split()[-1].lower()}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -512,14 +517,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cell['shape']:12s} T={cell['T']:<6d} "
                   f"dense {cell['dense_param_ms']:.4f}/{cell['dense_compute_ms']:.4f}"
                   f" best {best.get('ms', 0):.4f} graph {best.get('graph_ms', 0):.4f} {cell['best']}")
-        print("TUNED = {" + ", ".join(f"{tuple(c['key'])}: {c['best']}" for c in found if c["best"]) + "}")
+        from moexport.kernels.configs import ConfigTable
+
+        print(ConfigTable({tuple(c["key"]): c["best"] for c in found if c["best"]}).to_json(), end="")
         return 0
     rows = []
     from moexport.core.progress import progress
 
     with progress("benchmarking kernels", len(cells)) as advance:
         for shape, T in cells:
-            rows.append(measure(shape, T, graph=not args.no_graph))
+            rows.append(measure(shape, T, graph=not args.no_graph, configs=configs))
             advance(description=f"{shape} T={T}")
     import triton
 

@@ -1,13 +1,24 @@
 """Tile configurations: chosen by token-count bucket, never re-tuned for a new token count.
 
 A config depends on the layer's shape and on the bucket of the token count (powers of two), so a
-run over many sequence lengths compiles a handful of kernels once. `TUNED` holds measured
-configurations keyed like that (`moexport bench kernels --tune` times candidates on the GPU and
-prints them in this form); keys it lacks fall back to the heuristics below.
+run over many sequence lengths compiles a handful of kernels once. Measured configs are data: a
+`ConfigTable` keyed like that, the shipped one read from `configs.json` beside this module on first
+use (`shipped()`). The plan builders take a table (`configs=`), the shipped one by default; keys it
+lacks fall back to the heuristics below. `moexport bench kernels --tune` times candidates on the GPU
+and prints its picks in the format of configs.json; where each shipped config comes from is in
+bench/results/kernels_notes.md.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.resources
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
+
+from moexport.core.errors import MoexportError
 
 # Largest token count for which the defaults take the gather path (no dispatch launch; every selected
 # expert's weights read once per row block); beyond it, up to GATHER_MAX_ROWS_TOKENS tokens, they
@@ -32,64 +43,111 @@ SMS = 132
 MAX_ATOMIC_ADDS = 16
 PASS_ACC_BYTES = 32 << 20
 
+# What the `configs=` arguments take: a table of measured configs (a `ConfigTable`, or any mapping of
+# keys to configs); None stands for the shipped table
+Configs = Mapping[tuple, Mapping[str, Any]] | None
+
 # The route kernel's config, as an experts config's optional 'route' entry holds it
 ROUTE_FIELDS = ("BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
 
 
-def _experts(mode: str, m: int, g: int, d: int, n: int, warps: int, stages: int,
-             finish: str = "inline", route: tuple[int, int, int, int] | None = None,
-             v_split: int = 1, speculate: bool | None = None) -> dict[str, Any]:
-    config = {"mode": mode, "BLOCK_M": m, "BLOCK_G": g, "BLOCK_D": d, "BLOCK_N": n, "num_warps": warps,
-              "num_stages": stages, "finish": finish}
-    if v_split > 1:
-        config["V_SPLIT"] = v_split
-    if route:
-        config["route"] = dict(zip(ROUTE_FIELDS, route))
-    if speculate is not None:
-        config["speculate"] = speculate
-    return config
+class ConfigTable(Mapping):
+    """Measured configs, read-only: an `experts_key` -> an `experts_config`, a `tile_key` -> a
+    `tile_config`. Hashable by content, so that plans built with a table can be cached by it.
+
+    Its JSON form (configs.json, the tuning harness's picks) is a list of entries
+    {"key": [...], "config": {...}}, one a line, one per key.
+
+    Args:
+        configs: Key (a tuple) -> config (a JSON-like dict). Defaults to an empty table.
+    """
+
+    def __init__(self, configs: Mapping[tuple, Mapping[str, Any]] | None = None):
+        self._configs = {tuple(key): copy.deepcopy(dict(config)) for key, config in (configs or {}).items()}
+        self._hash: int | None = None
+
+    def __getitem__(self, key: tuple) -> dict[str, Any]:
+        return copy.deepcopy(self._configs[key])  # a caller's changes must not reach the table
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._configs
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self._configs)
+
+    def __len__(self) -> int:
+        return len(self._configs)
+
+    def __hash__(self) -> int:
+        if self._hash is None:  # equal tables (Mapping's ==, any order) must hash alike
+            self._hash = hash(frozenset((key, json.dumps(config, sort_keys=True))
+                                        for key, config in self._configs.items()))
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"ConfigTable({len(self)} configs)"
+
+    def merged(self, other: Mapping[tuple, Mapping[str, Any]]) -> ConfigTable:
+        """This table with `other`'s configs in place of its own of the same keys, new keys last."""
+        return ConfigTable({**self._configs, **other})
+
+    def to_json(self) -> str:
+        """The JSON form: one entry a line, in the table's order."""
+        entries = [json.dumps({"key": list(key), "config": config}) for key, config in self._configs.items()]
+        return "[\n" + ",\n".join(entries) + "\n]\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "JSON text") -> ConfigTable:
+        """The table of a JSON form (see the class); `source` names it in errors.
+
+        Raises:
+            MoexportError: text that is not such a list, or that holds a key twice.
+        """
+        expected = 'a JSON list of {"key": [...], "config": {...}} entries, as moexport/kernels/configs.json'
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise MoexportError(source, f"is not JSON ({error})", expected) from None
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("key"), list) and isinstance(e.get("config"), dict)
+                for e in entries):
+            raise MoexportError(source, "is not a table of configs", expected)
+        keys = [tuple(e["key"]) for e in entries]
+        twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+        if twice is not None:
+            raise MoexportError(source, f"holds the key {list(twice)} more than once",
+                                "one entry per key, as in moexport/kernels/configs.json")
+        return cls({key: e["config"] for key, e in zip(keys, entries)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ConfigTable:
+        """The table of a JSON file (see the class).
+
+        Raises:
+            MoexportError: a file that cannot be read or is not a table of configs.
+        """
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise MoexportError(f"configs file {str(path)!r}", f"cannot be read ({error.strerror})") from None
+        return cls.from_json(text, f"configs file {str(path)!r}")
 
 
-# (role, d_in, d_out, bucket) -> CVMM config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), and
-# ("experts", d, n_experts, expert_size, v_dim, k, bucket) -> `experts_config`: measured on the H200,
-# bf16 (triton 3.6), L2 flushed, picked by `bench.kernels.pick` (at most ~3 bfloat16 steps of error,
-# the most accurate of those within 2% of the fastest). Round 4 (bench/results/kernels_notes.md):
-# 16 and 256 tokens from the last tile sweep (column spans; kernels_tiles_h200.json), 4096 from the
-# first sequence sweep (kernels_sequences_h200.json), 32768 from the first tile sweep; 1 token keeps
-# round 2's tiles with float32 sums. Round 5: the large shape at 16 and 256 tokens (gather with
-# 128-unit chunks, and at 256 one 64-row block per expert: none of its weights read twice). Rounds 1-5
-# flushed L2 with a memset (do_bench's); round 6's sweeps at 16 tokens with the read flush found
-# other tiles at most ~5% faster there (within run-to-run noise). Round 7 (gather programs skip the
-# values of dead units and start at their own tiles): 16 tokens from a new tile sweep, read flush
-# (kernels_tiles_h200_round7.json).
-TUNED: dict[tuple, dict[str, Any]] = {
-    ("experts", 412, 16, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # small 1
-    ("experts", 412, 16, 128, 412, 4, 16): _experts("gather", 16, 32, 128, 128, 4, 3, "atomic",  # small 16
-        v_split=2),
-    ("experts", 412, 16, 128, 412, 4, 256): _experts("fused", 16, 32, 64, 128, 4, 3, "atomic"),  # small 256
-    ("experts", 412, 16, 128, 412, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 3),  # small 4096
-    ("experts", 412, 16, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3, "atomic"),  # small 32768
-    ("experts", 1024, 32, 128, 1024, 4, 1): _experts("gather", 16, 32, 256, 256, 8, 3),  # big 1
-    ("experts", 1024, 32, 128, 1024, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic",  # big 16
-        v_split=2),
-    ("experts", 1024, 32, 128, 1024, 4, 256): _experts("gather", 64, 64, 128, 128, 8, 3,  # big 256
-        "atomic", v_split=2),
-    ("experts", 1024, 32, 128, 1024, 4, 4096): _experts("fused", 128, 128, 64, 64, 8, 4, "atomic"),  # big 4096
-    ("experts", 1024, 32, 128, 1024, 4, 32768): _experts("fused", 128, 128, 64, 64, 8, 3, "atomic"),  # big 32768
-    ("experts", 412, 128, 128, 412, 4, 1): _experts("gather", 16, 16, 512, 512, 8, 2),  # 238M 1
-    ("experts", 412, 128, 128, 412, 4, 16): _experts("gather", 16, 64, 256, 256, 8, 3, "atomic",  # 238M 16
-        speculate=False),
-    ("experts", 412, 128, 128, 412, 4, 256): _experts("gather", 32, 64, 128, 128, 4, 3, "atomic"),  # 238M 256
-    ("experts", 412, 128, 128, 412, 4, 4096): _experts("fused", 128, 128, 128, 64, 8, 2, "atomic"),  # 238M 4096
-    ("experts", 412, 128, 128, 412, 4, 32768): _experts("fused", 128, 128, 64, 128, 8, 3,  # 238M 32768
-        "atomic", route=(128, 64, 8, 3)),
-    ("experts", 2048, 64, 256, 2048, 8, 1): _experts("gather", 16, 64, 256, 256, 8, 3),  # large 1
-    ("experts", 2048, 64, 256, 2048, 8, 16): _experts("gather", 16, 128, 128, 128, 8, 4, "atomic"),  # large 16
-    ("experts", 2048, 64, 256, 2048, 8, 256): _experts("gather", 64, 128, 128, 128, 8, 3, "atomic"),  # large 256
-    ("experts", 2048, 64, 256, 2048, 8, 4096): _experts("split", 128, 128, 64, 64, 8, 4, "atomic"),  # large 4096
-    ("experts", 2048, 64, 256, 2048, 8, 32768): _experts("split", 128, 128, 64, 64, 8, 4,  # large 32768
-        "atomic", route=(128, 64, 8, 3)),
-}
+@functools.cache
+def shipped() -> ConfigTable:
+    """The configs measured on the H200 that moexport ships (configs.json), read once, on first use."""
+    text = (importlib.resources.files("moexport.kernels") / "configs.json").read_text()
+    return ConfigTable.from_json(text, "moexport/kernels/configs.json")
+
+
+def experts_key(d: int, n_experts: int, expert_size: int, v_dim: int, k: int, n_tokens: int) -> tuple:
+    """The key of a layer shape's experts config at n_tokens' bucket in a `ConfigTable`."""
+    return ("experts", d, n_experts, expert_size, v_dim, k, bucket(n_tokens))
+
+
+def tile_key(role: str, d_in: int, d_out: int, n_tokens: int) -> tuple:
+    """The key of a kernel role's tile config at n_tokens' bucket in a `ConfigTable`."""
+    return (role, d_in, d_out, bucket(n_tokens))
 
 
 def bucket(n_tokens: int) -> int:
@@ -128,11 +186,14 @@ def default_config(role: str, d_out: int, n_bucket: int, rows_per_expert: int) -
             "num_warps": 8 if big else 4, "num_stages": 3 if big else 4}
 
 
-def tile_config(role: str, d_in: int, d_out: int, n_tokens: int, *, rows_per_expert: int) -> dict[str, Any]:
-    """The config of a kernel role for a layer shape and token count (tuned if measured)."""
-    key = (role, d_in, d_out, bucket(n_tokens))
-    if key in TUNED:
-        return dict(TUNED[key])
+def tile_config(role: str, d_in: int, d_out: int, n_tokens: int, *, rows_per_expert: int,
+                configs: Configs = None) -> dict[str, Any]:
+    """The config of a kernel role for a layer shape and token count: the measured one of `configs`
+    (a `ConfigTable`; defaults to the shipped one), else `default_config`'s."""
+    configs = shipped() if configs is None else configs
+    key = tile_key(role, d_in, d_out, n_tokens)
+    if key in configs:
+        return dict(configs[key])
     return default_config(role, d_out, bucket(n_tokens), rows_per_expert)
 
 
@@ -140,7 +201,8 @@ def _pow2_below(x: float) -> int:
     return 1 << max(0, int(x).bit_length() - 1)
 
 
-def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int, n_bucket: int) -> dict[str, Any]:
+def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int, n_bucket: int, *,
+                   configs: Configs = None) -> dict[str, Any]:
     """How the inference forward runs the experts for a layer shape and token bucket.
 
     `mode`: 'gather' (no dispatch; one program per expert and hidden chunk of BLOCK_G units takes
@@ -154,11 +216,13 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     'V_SPLIT' (default 1) programs per row block and hidden chunk, each with its share of the output
     columns; 'route', the route kernel's config (BLOCK_N, BLOCK_D, num_warps, num_stages) in place of
     `tile_config`'s; 'speculate' (see SPECULATE_MIN_USE). The defaults give every SM a couple of
-    programs; `TUNED` overrides them with measured ones.
+    programs; a measured config of `configs` (a `ConfigTable`; defaults to the shipped one) overrides
+    them.
     """
-    key = ("experts", d, n_experts, expert_size, v_dim, k, n_bucket)
-    if key in TUNED:
-        return dict(TUNED[key])
+    configs = shipped() if configs is None else configs
+    key = experts_key(d, n_experts, expert_size, v_dim, k, n_bucket)
+    if key in configs:
+        return dict(configs[key])
     G = expert_size
     if n_bucket <= GATHER_MAX_TOKENS:
         used = n_experts * expected_share(n_experts, k, n_bucket)  # experts expected to be chosen

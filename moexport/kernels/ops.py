@@ -15,7 +15,7 @@ from moexport.core.dtypes import dtype_name
 from moexport.core.errors import MoexportError
 from moexport.kernels import graphs
 from moexport.kernels import plan as plans
-from moexport.kernels.configs import bucket
+from moexport.kernels.configs import ConfigTable, Configs, bucket
 from moexport.kernels.host import run_plan
 from moexport.models.routing import check_selection, gates_of
 
@@ -23,7 +23,7 @@ _PLANS: dict[tuple, plans.Plan] = {}
 
 
 def _plan(builder, *args, **kwargs) -> plans.Plan:
-    """Plans are built once per (builder, shape, token bucket) and reused."""
+    """Plans are built once per (builder, shape, token bucket, table of configs) and reused."""
     key = (builder.__name__, args, tuple(sorted(kwargs.items())))
     if key not in _PLANS:
         _PLANS[key] = builder(*args, **kwargs)
@@ -45,18 +45,19 @@ def _shape(x, expert_sel, keys, values, bias, k, selection, activation) -> plans
     return plans.MoEShape(d, E, G, values.shape[-1], k, dtype_name(x.dtype), selection, activation, bias is not None)
 
 
-# (token bucket, dtype, keys shape, v_dim, k, selection, activation, bias) -> plan: a repeated call
-# skips building the shape key; `run_plan` still checks every input's shape against the plan
+# (token bucket, dtype, keys shape, v_dim, k, selection, activation, bias, configs) -> plan: a repeated
+# call skips building the shape key; `run_plan` still checks every input's shape against the plan
 _LAYER_PLANS: dict[tuple, plans.Plan] = {}
 
 
-def _layer_plan(x, expert_sel, keys, values, bias, k, selection, activation) -> plans.Plan:
+def _layer_plan(x, expert_sel, keys, values, bias, k, selection, activation,
+                configs: ConfigTable | None = None) -> plans.Plan:
     key = (bucket(x.shape[0]), x.dtype, tuple(keys.shape), values.shape[-1], k, selection, activation,
-           bias is not None)
+           bias is not None, configs)
     plan = _LAYER_PLANS.get(key)
     if plan is None:
         shape = _shape(x, expert_sel, keys, values, bias, k, selection, activation)
-        plan = _LAYER_PLANS[key] = _plan(plans.sigma_moe_plan, shape, bucket(x.shape[0]))
+        plan = _LAYER_PLANS[key] = _plan(plans.sigma_moe_plan, shape, bucket(x.shape[0]), configs=configs)
     return plan
 
 
@@ -90,7 +91,7 @@ def _plain_eager(x: torch.Tensor) -> bool:
 def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *,
                       k: int, selection: str | None = None, activation: str | None = None,
                       bias: torch.Tensor | None = None, o_bias: torch.Tensor | None = None,
-                      cuda_graph: bool | None = None) -> torch.Tensor:
+                      cuda_graph: bool | None = None, configs: Configs = None) -> torch.Tensor:
     """Inference forward of a σ-MoE layer on the kernels: x [..., d] -> y [..., v_dim].
 
     Few tokens run the gather sequence (2 launches), more the dispatched one (3 to 5 launches; see
@@ -109,21 +110,30 @@ def sigma_moe_forward(x: torch.Tensor, expert_sel: torch.Tensor, keys: torch.Ten
         cuda_graph: Replay plain eager CUDA calls from a cached CUDA graph (less host time, a
             little more GPU time): True at any size, False never. Defaults to never, or with
             MOEXPORT_CUDA_GRAPHS=1 for inputs up to `graphs.MAX_INPUT_BYTES`.
+        configs: Measured configs to plan with in place of the shipped ones (benchmarks, tuning), for
+            plain eager calls: a `configs.ConfigTable` (plans are cached per table) or a mapping of
+            keys to configs. Defaults to the shipped table.
 
     Returns:
         y [..., v_dim] in x's dtype.
 
     Raises:
         MoexportError: tensors whose shapes or dtypes do not fit together, k outside
-            [1, n_experts], an unknown selection or activation.
+            [1, n_experts], an unknown selection or activation, `configs` for a traced call.
     """
     flat = x.reshape(-1, x.shape[-1])
     selection, activation = selection or "sigmoid", activation or "relu"
     weights = (expert_sel, keys, values, bias, o_bias)
+    if configs is not None and not isinstance(configs, ConfigTable):
+        configs = ConfigTable(configs)  # hashable: the plan caches' keys hold it
     if not _plain_eager(flat):
+        if configs is not None:
+            raise MoexportError("sigma_moe_forward(configs=...)", "applies to plain eager calls only",
+                                "traced, compiled and exported calls run the custom op moexport::sigma_moe, "
+                                "which plans with the shipped configs")
         y = _sigma_moe_op(flat, *weights, k, selection, activation)
     else:
-        plan = _layer_plan(flat, expert_sel, keys, values, bias, k, selection, activation)
+        plan = _layer_plan(flat, expert_sel, keys, values, bias, k, selection, activation, configs)
         y = None
         if cuda_graph or (cuda_graph is None and graphs.wanted()):
             # the plan (hence the configs it was built with) is part of the key
@@ -243,11 +253,7 @@ def sigma_moe_train(layer, x: torch.Tensor) -> torch.Tensor:
     """
     flat = x.reshape(-1, layer.d_model)
     shape = plans.MoEShape.of(layer, dtype_name(x.dtype))
-    logits = layer.router_logits(flat)  # float32 also under autocast (the routing rule)
-    layer.remember_logits(logits)
-    drop = None
-    if layer.training and layer.expert_dropout > 0:
-        drop = torch.rand_like(logits) < layer.expert_dropout
+    logits, drop = layer.router_forward(flat)  # the reference's logits and dropped experts
     rank = logits.detach() if drop is None else logits.detach().masked_fill(drop, float("-inf"))
     routed = run_plan(_plan(plans.route_plan, shape, bucket(flat.shape[0])), {"logits": rank})
     gate = gates_of(logits, routed["expert"].long(), layer.selection, drop_mask=drop)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moexport.kernels.configs import SPECULATE_MIN_USE, bucket, expected_share, experts_config, pow2, tile_config
+from moexport.kernels.configs import (SPECULATE_MIN_USE, Configs, bucket, expected_share, experts_config, pow2,
+                                      tile_config)
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 SELECTION_CODES = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
@@ -109,11 +110,11 @@ class MoEShape:
 
 def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: bool = False,
                 fill: str | None = None, fill_row: str | None = None, count: str | None = None,
-                count_cols: int = 1, cfg: dict | None = None) -> Step:
+                count_cols: int = 1, cfg: dict | None = None, configs: Configs) -> Step:
     """Routing of N tokens; also sets the rows of `fill` [N, v_dim] that the expert kernels add into
     to the vector `fill_row` (or zeros) and zeroes their int32 counters `count` [N, count_cols].
     `cfg`: the route config, by default `tile_config`'s."""
-    cfg = cfg or tile_config("route", s.d, s.n_experts, n, rows_per_expert=0)
+    cfg = cfg or tile_config("route", s.d, s.n_experts, n, rows_per_expert=0, configs=configs)
     has_x = source == "x"
     item = 2 if s.dtype in ("float16", "bfloat16") else 4
     return Step(
@@ -176,11 +177,12 @@ def _finalize_step(acc: str, bias: str | None, out: str, width: int) -> Step:
                 {"acc_ptr": acc, "bias_ptr": bias, "out_ptr": out, "N": "N"}, {"D": width, "BLOCK": 1024}, 4, 1)
 
 
-def _tile_m(s: MoEShape, n: int) -> int:
-    return tile_config("up", s.d, s.expert_size, n, rows_per_expert=n * s.k // s.n_experts)["BLOCK_M"]
+def _tile_m(s: MoEShape, n: int, configs: Configs) -> int:
+    rows = n * s.k // s.n_experts
+    return tile_config("up", s.d, s.expert_size, n, rows_per_expert=rows, configs=configs)["BLOCK_M"]
 
 
-def _up_down_steps(s: MoEShape, n: int, tile_m: int, *, out: str, keep_pre: bool = False,
+def _up_down_steps(s: MoEShape, n: int, tile_m: int, *, out: str, configs: Configs, keep_pre: bool = False,
                    count: str | None = None, o_bias: str | None = None, y: str | None = None) -> tuple[Step, Step]:
     """The split sequence's two CVMM launches: up projection (gathered token rows -> h in sorted
     order, with keep_pre also the float32 pre-activation), and down projection, gate-weighted and
@@ -189,23 +191,23 @@ def _up_down_steps(s: MoEShape, n: int, tile_m: int, *, out: str, keep_pre: bool
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
     rows = n * s.k // E
     up = _cvmm_step(x="x", w="keys", out="h", e=E, k_in=d, n_out=G, w_strides=(d * G, G, 1),
-                    cfg=tile_config("up", d, G, n, rows_per_expert=rows), tile_m=tile_m, src="sorted_slot",
-                    src_div=s.k, bias="bias" if s.bias else None, pre_out="pre" if keep_pre else None,
-                    activation=s.activation)
+                    cfg=tile_config("up", d, G, n, rows_per_expert=rows, configs=configs), tile_m=tile_m,
+                    src="sorted_slot", src_div=s.k, bias="bias" if s.bias else None,
+                    pre_out="pre" if keep_pre else None, activation=s.activation)
     down = _cvmm_step(x="h", w="values", out=out, e=E, k_in=G, n_out=dv, w_strides=(G * dv, dv, 1),
-                      cfg=tile_config("down", G, dv, n, rows_per_expert=rows), tile_m=tile_m,
+                      cfg=tile_config("down", G, dv, n, rows_per_expert=rows, configs=configs), tile_m=tile_m,
                       dst="sorted_slot", dst_div=s.k, gate="gate", gate_by_dst=True, epilogue=1,
                       count=count, o_bias=o_bias, y=y)
     return up, down
 
 
-def _expert_steps(s: MoEShape, n: int, tile_m: int, *,
-                  keep_pre: bool) -> tuple[tuple[Step, ...], tuple[Buffer, ...]]:
+def _expert_steps(s: MoEShape, n: int, tile_m: int, *, keep_pre: bool,
+                  configs: Configs) -> tuple[tuple[Step, ...], tuple[Buffer, ...]]:
     """Up projection (gathered token rows -> h in sorted order) and down projection into float32 y."""
     G, dv = s.expert_size, s.v_dim
     # float32 without output bias: the accumulator is y itself (zero-filled), no finalize pass
     direct = s.dtype == "float32" and not s.bias
-    steps = _up_down_steps(s, n, tile_m, out="y" if direct else "acc", keep_pre=keep_pre)
+    steps = _up_down_steps(s, n, tile_m, out="y" if direct else "acc", keep_pre=keep_pre, configs=configs)
     if not direct:
         steps += (_finalize_step("acc", "o_bias" if s.bias else None, "y", dv),)
     workspace = (Buffer("h", s.dtype, ("S", str(G))),)
@@ -235,8 +237,9 @@ def _layer_inputs(s: MoEShape, *, with_x: bool = True) -> tuple[Buffer, ...]:
     return out
 
 
-def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
-    """Inference forward of a σ-MoE layer for token counts in n_tokens' bucket.
+def sigma_moe_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None) -> Plan:
+    """Inference forward of a σ-MoE layer for token counts in n_tokens' bucket, with the configs
+    of `configs` (a table of measured ones; defaults to the shipped table) or the defaults.
 
     The config of the bucket (`configs.experts_config`) picks one of three sequences:
 
@@ -256,13 +259,14 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
     """
     n = bucket(n_tokens)
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
-    cfg = experts_config(d, E, G, dv, s.k, n)
+    cfg = experts_config(d, E, G, dv, s.k, n, configs=configs)
     mode = cfg["mode"]
     finish = "atomic" if s.dtype == "float32" else cfg.get("finish", "inline")
     o_bias = "o_bias" if s.bias else None
     count_cols = cfg.get("V_SPLIT", 1)  # experts programs of one row block with their own columns
     if mode == "split":
-        count_cols = -(-dv // _block_n(tile_config("down", G, dv, n, rows_per_expert=n * s.k // E), dv))
+        down = tile_config("down", G, dv, n, rows_per_expert=n * s.k // E, configs=configs)
+        count_cols = -(-dv // _block_n(down, dv))
     # what the expert kernels add into, and what the route kernel prepares of it
     if finish == "atomic":
         out = {"acc": "y", "count": None, "y": None}
@@ -276,7 +280,8 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
         out = {"acc": "acc", "count": None, "y": None}
         prepare = {}
         workspace = (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
-    route = _route_step(s, n, source="x", counts=mode != "gather", cfg=cfg.get("route"), **prepare)
+    route = _route_step(s, n, source="x", counts=mode != "gather", cfg=cfg.get("route"), configs=configs,
+                        **prepare)
     if mode == "gather":
         step = _experts_step(s, n, cfg, dispatched=False, **out)
         steps = (route, step)
@@ -285,14 +290,14 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int) -> Plan:
             lists = str(E * -(-G // step.constexprs["BLOCK_G"]) * step.constexprs["V_SPLIT"])
             workspace += (Buffer("list_tok", "int32", (lists, "N")), Buffer("list_gate", "float32", (lists, "N")))
     else:
-        tile_m = cfg["BLOCK_M"] if mode == "fused" else _tile_m(s, n)
+        tile_m = cfg["BLOCK_M"] if mode == "fused" else _tile_m(s, n, configs)
         steps = (route,) + _dispatch_steps(s, n, route.constexprs["BLOCK_N"], tile_m)
         workspace += _plan_buffers(s, n, tile_m, route.constexprs["BLOCK_N"])
         if mode == "fused":
             steps += (_experts_step(s, n, cfg, dispatched=True, **out),)
         else:
             steps += _up_down_steps(s, n, tile_m, out=out["acc"], count=out["count"],
-                                    o_bias=o_bias if out["y"] else None, y=out["y"])
+                                    o_bias=o_bias if out["y"] else None, y=out["y"], configs=configs)
             workspace += (Buffer("h", s.dtype, ("S", str(G))),)
     if finish == "pass":
         steps += (_finalize_step("acc", o_bias, "y", dv),)
@@ -329,11 +334,13 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
         cfg["num_warps"], cfg["num_stages"], launch_pdl=not dispatched)
 
 
-def topk_dispatch_plan(n_experts: int, k: int, selection: str, n_tokens: int, *, tile_m: int = 64) -> Plan:
-    """The TopKDispatch op: float32 logits [N, E] -> gate, expert, sorted_expert, sorted_slot."""
+def topk_dispatch_plan(n_experts: int, k: int, selection: str, n_tokens: int, *, tile_m: int = 64,
+                       configs: Configs = None) -> Plan:
+    """The TopKDispatch op: float32 logits [N, E] -> gate, expert, sorted_expert, sorted_slot (route
+    config of `configs`, defaulting to the shipped table)."""
     s = MoEShape(1, n_experts, 1, 1, k, "float32", selection)
     n = bucket(n_tokens)
-    route = _route_step(s, n, source="logits", counts=True)
+    route = _route_step(s, n, source="logits", counts=True, configs=configs)
     outputs = (Buffer("gate", "float32", ("N", str(k))), Buffer("expert", "int32", ("N", str(k))),
                Buffer("sorted_expert", "int32", ("S",)), Buffer("sorted_slot", "int32", ("S",)))
     workspace = tuple(b for b in _plan_buffers(s, n, tile_m, route.constexprs["BLOCK_N"])
@@ -344,12 +351,14 @@ def topk_dispatch_plan(n_experts: int, k: int, selection: str, n_tokens: int, *,
 
 
 def cvmm_plan(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: bool, k: int, gate: bool,
-              n_rows: int, w_strides: tuple[int, int, int] | None = None) -> Plan:
-    """The CVMM op over S sorted rows: out[dst] = (gate *) x[src] @ W[e], or summed into dst // k."""
+              n_rows: int, w_strides: tuple[int, int, int] | None = None, configs: Configs = None) -> Plan:
+    """The CVMM op over S sorted rows: out[dst] = (gate *) x[src] @ W[e], or summed into dst // k
+    (tile config of `configs`, defaulting to the shipped table)."""
     E = n_experts
     w_strides = w_strides or (d_in * d_out, d_out, 1)
     rows = max(1, n_rows // E)
-    cfg = tile_config("down" if reduce else "up", d_in, d_out, max(1, n_rows // k), rows_per_expert=rows)
+    cfg = tile_config("down" if reduce else "up", d_in, d_out, max(1, n_rows // k), rows_per_expert=rows,
+                      configs=configs)
     tile_m = cfg["BLOCK_M"]
     # the kernel writes offsets[0..E], one lane each: E + 1 lanes (pow2(E) drops offsets[E] when E is
     # a power of two of 16 and up; for every other E the two are equal)
@@ -377,10 +386,11 @@ def cvmm_plan(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: bool
                 max_tokens=bucket(n_rows))
 
 
-def route_plan(s: MoEShape, n_tokens: int) -> Plan:
-    """Training routing: top-k of a float32 rank key [N, E] (logits, dropped experts at -inf)."""
+def route_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None) -> Plan:
+    """Training routing: top-k of a float32 rank key [N, E] (logits, dropped experts at -inf); route
+    config of `configs`, defaulting to the shipped table."""
     n = bucket(n_tokens)
-    route = _route_step(s, n, source="logits", counts=True)
+    route = _route_step(s, n, source="logits", counts=True, configs=configs)
     return Plan("route", (Buffer("logits", "float32", ("N", str(s.n_experts))),),
                 (Buffer("expert", "int32", ("N", str(s.k))),
                  Buffer("counts", "int32", (f"cdiv(N, {route.constexprs['BLOCK_N']})", str(s.n_experts)))),
@@ -390,13 +400,14 @@ def route_plan(s: MoEShape, n_tokens: int) -> Plan:
 _SAVED = ("sorted_expert", "sorted_slot", "offsets", "tile_map", "h", "pre")
 
 
-def train_forward_plan(s: MoEShape, n_tokens: int) -> Plan:
-    """Training forward of the experts given routing (expert, counts from `route_plan`) and gates;
-    also outputs what the backward needs (dispatch plan, h, float32 pre-activation)."""
+def train_forward_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None) -> Plan:
+    """Training forward of the experts given routing (expert, counts from `route_plan` with the same
+    `configs`) and gates; also outputs what the backward needs (dispatch plan, h, float32
+    pre-activation). Configs of `configs`, defaulting to the shipped table."""
     n = bucket(n_tokens)
-    route_block = tile_config("route", s.d, s.n_experts, n, rows_per_expert=0)["BLOCK_N"]
-    tile_m = _tile_m(s, n)
-    experts, workspace = _expert_steps(s, n, tile_m, keep_pre=True)
+    route_block = tile_config("route", s.d, s.n_experts, n, rows_per_expert=0, configs=configs)["BLOCK_N"]
+    tile_m = _tile_m(s, n, configs)
+    experts, workspace = _expert_steps(s, n, tile_m, keep_pre=True, configs=configs)
     plan_buffers = _plan_buffers(s, n, tile_m, route_block) + workspace
     saved = tuple(b for b in plan_buffers if b.name in _SAVED)
     inputs = (Buffer("x", s.dtype, ("N", str(s.d))), Buffer("gate", "float32", ("N", str(s.k))),
@@ -408,22 +419,23 @@ def train_forward_plan(s: MoEShape, n_tokens: int) -> Plan:
                 _dispatch_steps(s, n, route_block, tile_m) + experts, derived=(("S", f"N * {s.k}"),), max_tokens=n)
 
 
-def backward_plan(s: MoEShape, n_tokens: int) -> Plan:
+def backward_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None) -> Plan:
     """Gradients of the experts: dx, dgate [N, k], dkeys, dvalues, and dpre [S, G] in sorted order
-    (the hidden bias gradient is its per-expert column sum)."""
+    (the hidden bias gradient is its per-expert column sum). Configs of `configs` (those of the
+    forward's `train_forward_plan`), defaulting to the shipped table."""
     n = bucket(n_tokens)
     E, d, G, dv, k = s.n_experts, s.d, s.expert_size, s.v_dim, s.k
-    tile_m = _tile_m(s, n)
+    tile_m = _tile_m(s, n, configs)
     rows = n * k // E
     dh = _cvmm_step(x="dy", w="values", out="dpre", e=E, k_in=dv, n_out=G, w_strides=(G * dv, 1, dv),
-                    cfg=tile_config("up", dv, G, n, rows_per_expert=rows), tile_m=tile_m, src="sorted_slot",
-                    src_div=k, dst="sorted_slot", gate="gate", gate_by_dst=True, h="h", pre="pre", dgate="dgate",
-                    activation=s.activation, epilogue=2)
+                    cfg=tile_config("up", dv, G, n, rows_per_expert=rows, configs=configs), tile_m=tile_m,
+                    src="sorted_slot", src_div=k, dst="sorted_slot", gate="gate", gate_by_dst=True, h="h",
+                    pre="pre", dgate="dgate", activation=s.activation, epilogue=2)
     dx_direct = s.dtype == "float32"
     dx = _cvmm_step(x="dpre", w="keys", out="dx" if dx_direct else "acc", e=E, k_in=G, n_out=d,
-                    w_strides=(d * G, 1, G), cfg=tile_config("down", G, d, n, rows_per_expert=rows), tile_m=tile_m,
-                    dst="sorted_slot", dst_div=k, epilogue=1)
-    wcfg = tile_config("wgrad", G, dv, n, rows_per_expert=rows)
+                    w_strides=(d * G, 1, G), tile_m=tile_m, dst="sorted_slot", dst_div=k, epilogue=1,
+                    cfg=tile_config("down", G, d, n, rows_per_expert=rows, configs=configs))
+    wcfg = tile_config("wgrad", G, dv, n, rows_per_expert=rows, configs=configs)
 
     def wgrad(a: str, b: str, out: str, m_dim: int, n_dim: int, **index) -> Step:
         bm, bn = min(wcfg["BLOCK_M"], pow2(m_dim)), min(wcfg["BLOCK_N"], pow2(n_dim))

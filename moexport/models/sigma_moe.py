@@ -139,20 +139,24 @@ class SigmaMoE(ConfigModule):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The PyTorch reference every other implementation is compared against."""
         flat = x.reshape(-1, self.d_model)
-        logits = self.router_logits(flat)
-        self.remember_logits(logits)
-        drop_mask = None
-        if self.training and self.expert_dropout > 0:
-            drop_mask = torch.rand_like(logits) < self.expert_dropout
+        logits, drop_mask = self.router_forward(flat)
         gate, expert = route(logits, self.k, self.selection, drop_mask=drop_mask)
         y = expert_mix(flat, gate, expert, self.keys, self.values, bias=self.bias, o_bias=self.o_bias,
                        activation=self.activation, hidden_dropout=self.dropout if self.training else 0.0)
         return y.reshape(*x.shape[:-1], self.v_dim)
 
-    def remember_logits(self, logits: torch.Tensor) -> None:
-        """Keep a training forward's router logits for `entropy_regularizer` (every forward path calls it)."""
+    def router_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The router's part of a forward of tokens `x` [N, d], one for every forward path so that they
+        all drop the same experts: float32 logits [N, E] (in training kept for `entropy_regularizer`)
+        and, in training with expert dropout, the mask [N, E] of the (token, expert) pairs dropped
+        before the top-k (else None)."""
+        logits = self.router_logits(x)
+        drop_mask = None
         if self.training:
             self._last_logits = logits
+            if self.expert_dropout > 0:
+                drop_mask = torch.rand_like(logits) < self.expert_dropout
+        return logits, drop_mask
 
     def entropy_regularizer(self) -> torch.Tensor:
         """−H of the batch-mean softmax of the raw routing logits of the last training forward."""

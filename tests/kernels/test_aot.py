@@ -5,6 +5,7 @@ import torch
 
 from moexport.core import tolerance_for
 from moexport.kernels import compile_plan
+from moexport.kernels.configs import experts_config, experts_key
 from moexport.kernels.launcher import symbols_of, workspace_layout
 from moexport.kernels.ops import sigma_moe_forward
 from moexport.kernels.plan import MoEShape, evaluate, sigma_moe_plan
@@ -18,16 +19,11 @@ def carried_plans() -> dict:
     """name -> plan of the manifests the H200 script carries (MOEXPORT_AOT_DIR), compiled on this CPU
     machine by `python tests/kernels/test_aot.py .carry/aot`: the gather plan, the dispatched plan
     rounded inline, with a memset and a finalize pass, and with bfloat16 atomics into y."""
-    from moexport.kernels import configs
-
     plans = {"moe_16": sigma_moe_plan(SHAPE, 16)}
-    key = ("experts", SHAPE.d, SHAPE.n_experts, SHAPE.expert_size, SHAPE.v_dim, SHAPE.k, 4096)
+    layer = (SHAPE.d, SHAPE.n_experts, SHAPE.expert_size, SHAPE.v_dim, SHAPE.k, 4096)
     for finish in ("inline", "pass", "atomic"):
-        configs.TUNED[key] = dict(configs.experts_config(*key[1:]), finish=finish)
-        try:
-            plans[f"moe_4096_{finish}"] = sigma_moe_plan(SHAPE, 4096)
-        finally:
-            configs.TUNED.pop(key)
+        configs = {experts_key(*layer): dict(experts_config(*layer), finish=finish)}
+        plans[f"moe_4096_{finish}"] = sigma_moe_plan(SHAPE, 4096, configs=configs)
     return plans
 
 

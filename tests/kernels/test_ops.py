@@ -3,8 +3,12 @@ import torch
 
 from moexport import MoexportError
 from moexport.core import accel, tolerance_for
+from moexport.core.dtypes import dtype_name
 from moexport.kernels import sigma_moe_forward
+from moexport.kernels.configs import ConfigTable, experts_key, tile_key
+from moexport.kernels.host import run_plan
 from moexport.kernels.ops import sigma_moe_train
+from moexport.kernels.plan import MoEShape, sigma_moe_plan
 from moexport.models import SigmaMoE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -20,10 +24,10 @@ def make_layer(dtype=torch.float32, *, k=2, n_experts=6, expert_size=8, selectio
     return layer.to(device, dtype)
 
 
-def forward(layer, x):
+def forward(layer, x, **options):
     with torch.no_grad():
         return sigma_moe_forward(x, layer.expert_sel, layer.keys, layer.values, k=layer.k, selection=layer.selection,
-                                 activation=layer.activation, bias=layer.bias, o_bias=layer.o_bias)
+                                 activation=layer.activation, bias=layer.bias, o_bias=layer.o_bias, **options)
 
 
 def assert_close(actual, expected, dtype, what):
@@ -35,14 +39,19 @@ def assert_close(actual, expected, dtype, what):
 SMALL_TILES = {"BLOCK_G": 16, "BLOCK_D": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 
 
-def ship_experts_config(monkeypatch, config: dict, n_tokens: int) -> None:
-    """Make `config` the experts config of make_layer(expert_size=32) at n_tokens for this test, with
-    the plan caches emptied so that the next call plans with it."""
-    from moexport.kernels import configs, ops
+def experts_configs(config: dict, n_tokens: int) -> dict:
+    """A table of configs in which `config` is the experts config of make_layer(expert_size=32) at n_tokens."""
+    return {experts_key(24, 6, 32, 20, 2, n_tokens): config}
 
-    monkeypatch.setitem(configs.TUNED, ("experts", 24, 6, 32, 20, 2, configs.bucket(n_tokens)), config)
-    monkeypatch.setattr(ops, "_PLANS", {})
-    monkeypatch.setattr(ops, "_LAYER_PLANS", {})
+
+def planned_forward(layer, x, configs):
+    """The inference plan of `layer` for x with `configs` (as `sigma_moe_forward` would plan it), and y of
+    that plan run."""
+    plan = sigma_moe_plan(MoEShape.of(layer, dtype_name(x.dtype)), x.shape[0], configs=configs)
+    with torch.no_grad():
+        y = run_plan(plan, {"x": x, "expert_sel": layer.expert_sel, "keys": layer.keys, "values": layer.values,
+                            "bias": layer.bias, "o_bias": layer.o_bias})["y"]
+    return plan, y
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -157,19 +166,16 @@ def test_defaults_gather_a_few_hundred_tokens_when_experts_get_few_rows(device):
 
 @pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("finish", ["inline", "atomic"])
-def test_gather_with_and_without_speculation_matches_the_reference(speculate, finish, device, monkeypatch):
+def test_gather_with_and_without_speculation_matches_the_reference(speculate, finish, device):
     """Speculating gather programs compute every token's up projection before reading the routing and
     add only the rows of the tokens that chose their expert: the others must get nothing from it
     (6 experts, k = 2, 9 tokens: every expert misses some tokens, with and without the bias)."""
-    from moexport.kernels import ops
-
     layer = make_layer(torch.bfloat16, expert_size=32, device=device).eval()
-    ship_experts_config(monkeypatch, {"mode": "gather", "BLOCK_M": 16, **SMALL_TILES, "finish": finish,
-                                      "speculate": speculate}, 9)
     x = torch.randn(9, 24).to(device, torch.bfloat16)
-    plan = ops._layer_plan(x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
+    plan, y = planned_forward(layer, x, experts_configs({"mode": "gather", "BLOCK_M": 16, **SMALL_TILES,
+                                                         "finish": finish, "speculate": speculate}, 9))
     assert plan.steps[-1].constexprs["SPECULATE"] == speculate
-    assert_close(forward(layer, x), layer.reference_forward(x), torch.bfloat16, f"y speculate={speculate}")
+    assert_close(y, layer.reference_forward(x), torch.bfloat16, f"y speculate={speculate}")
 
 
 SEQUENCES = [(mode, finish) for mode in ("gather", "fused", "split") for finish in ("inline", "pass", "atomic")]
@@ -186,25 +192,24 @@ def test_every_experts_sequence_matches_the_reference(mode, finish, dtype, bias,
     be rounded once, by its last contributor (inline) or by the finalize pass after a memset (pass),
     or take every add in its own dtype (atomic; float32 layers always). The gather sequence with
     several row blocks per expert and several scan steps per block (150 tokens)."""
-    from moexport.kernels import configs, ops
     from moexport.kernels import plan as plans
 
     layer = make_layer(dtype, expert_size=32, bias=bias, device=device).eval()
     # two spans of output columns per row block (V_SPLIT): 16 and the last 4 of v_dim 20
-    ship_experts_config(monkeypatch, {"mode": mode, "BLOCK_M": 16 if mode == "gather" else 32, **SMALL_TILES,
-                                      "finish": finish, "V_SPLIT": 2}, n_tokens)
+    configs = experts_configs({"mode": mode, "BLOCK_M": 16 if mode == "gather" else 32, **SMALL_TILES,
+                               "finish": finish, "V_SPLIT": 2}, n_tokens)
     # the split sequence's down projection in two column tiles, each rounded by its own last contributor
-    monkeypatch.setitem(configs.TUNED, ("down", 32, 20, configs.bucket(n_tokens)),
-                        {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2})
+    configs[tile_key("down", 32, 20, n_tokens)] = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4,
+                                                   "num_stages": 2}
     monkeypatch.setattr(plans, "GATHER_SCAN", 64)
     x = torch.randn(n_tokens, 24).to(device, dtype)
-    plan = ops._layer_plan(x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
+    plan, y = planned_forward(layer, x, configs)
     assert plan.notes["finish"] == ("atomic" if dtype == torch.float32 else finish)
-    assert_close(forward(layer, x), layer.reference_forward(x), dtype, f"y {mode} {finish} {dtype}")
+    assert_close(y, layer.reference_forward(x), dtype, f"y {mode} {finish} {dtype}")
 
 
 @pytest.mark.parametrize("speculate", [False, True])
-def test_values_of_units_no_added_row_activates_are_not_read(speculate, device, monkeypatch):
+def test_values_of_units_no_added_row_activates_are_not_read(speculate, device):
     """ReLU units that are zero for every token a gather program adds contribute nothing, and the
     program does not read their rows of values: here those rows hold NaN, which any read would carry
     into y (0 * NaN), and y must equal the reference's with the rows zeroed."""
@@ -216,8 +221,38 @@ def test_values_of_units_no_added_row_activates_are_not_read(speculate, device, 
     expected = layer.reference_forward(x := torch.randn(9, 24).to(device, torch.bfloat16))
     with torch.no_grad():
         layer.values[:, dead] = float("nan")
-    ship_experts_config(monkeypatch, {"mode": "gather", "BLOCK_M": 16, **SMALL_TILES, "finish": "inline",
-                                      "speculate": speculate}, 9)
-    y = forward(layer, x)
+    _, y = planned_forward(layer, x, experts_configs({"mode": "gather", "BLOCK_M": 16, **SMALL_TILES,
+                                                      "finish": "inline", "speculate": speculate}, 9))
     assert torch.isfinite(y).all(), "a dead unit's row of values was read"
     assert_close(y, expected, torch.bfloat16, f"y speculate={speculate}")
+
+
+def test_forward_plans_with_the_configs_it_is_given(device, monkeypatch):
+    """`configs=` (how the benchmark and the tuning harness try configs) plans the call with that table,
+    one plan per equal table, beside the shipped table's plan (150 tokens, 6 experts: fused by default)."""
+    from moexport.kernels import ops
+
+    layer = make_layer(torch.bfloat16, expert_size=32, device=device).eval()
+    x = torch.randn(150, 24).to(device, torch.bfloat16)
+    gather = {"mode": "gather", "BLOCK_M": 16, **SMALL_TILES, "finish": "inline"}
+    configs = ConfigTable(experts_configs(gather, 150))
+    ran = []
+    monkeypatch.setattr(ops, "run_plan", lambda plan, tensors: ran.append(plan) or run_plan(plan, tensors))
+    y = forward(layer, x, configs=configs)
+    args = (x, layer.expert_sel, layer.keys, layer.values, layer.bias, 2, "sigmoid", "relu")
+    assert len(ran) == 1 and ran[0] is ops._layer_plan(*args, ConfigTable(configs))
+    assert ran[0].notes["mode"] == "gather" and ran[0].notes["finish"] == "inline"
+    assert ops._layer_plan(*args).notes["mode"] == "fused"
+    assert_close(y, layer.reference_forward(x), torch.bfloat16, "y")
+
+
+def test_configs_are_refused_where_the_custom_op_runs():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    layer = make_layer().eval()
+    with PassThrough(), pytest.raises(MoexportError, match="plain eager calls only"):
+        forward(layer, torch.randn(5, 24), configs=experts_configs({"mode": "gather"}, 5))

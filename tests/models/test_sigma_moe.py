@@ -123,6 +123,18 @@ def test_expert_dropout_only_in_training():
     assert not torch.allclose(layer(x), layer.eval()(x))
 
 
+def test_router_forward_keeps_logits_and_drops_experts_in_training_only():
+    """Every forward path routes through `router_forward`, so its training-only parts live there."""
+    layer = SigmaMoE(16, 8, 4, 2, expert_dropout=0.5)
+    x = torch.randn(64, 16)
+    logits, drop = layer.eval().router_forward(x)
+    assert drop is None and layer._last_logits is None and torch.equal(logits, layer.router_logits(x))
+    logits, drop = layer.train().router_forward(x)
+    assert layer._last_logits is logits and drop.shape == (64, 8) and 0 < drop.float().mean() < 1
+    layer.expert_dropout = 0.0
+    assert layer.router_forward(x)[1] is None
+
+
 def test_gradients_reach_every_parameter():
     layer = SigmaMoE(16, 4, 8, 2, bias=True).train()
     layer(torch.randn(20, 16)).square().sum().backward()
