@@ -13,7 +13,10 @@ flushed before every call, so weights come from device memory (`FLUSHES`):
   experts the cell's tokens select and the rows of their values some token activates (the rest
   meet only ReLU zeros; the gather kernels don't read them); FLOPs = router + k experts.
 
-The kernel output is compared with the grouped_mm baseline (same routing rule) in every cell.
+The kernel output is compared with the grouped_mm baseline (same routing rule) in every cell. The
+σ-MoE runs with the shipped configs, or with those of --configs in their place: e.g. the picks of
+the tuning harness (tools/tune_kernels.py, beside the package), which times candidate configs with
+this module's layers, timing loop and error measure.
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def _flush() -> None:
         torch.sum(state["buffer"], dim=0, out=state["sink"])
 
 
-def _time(fn, rep: int = 50, warmup: int = 10) -> float:
+def median_ms(fn, rep: int = 50, warmup: int = 10) -> float:
     """Median ms of fn over about `rep` ms of calls (after `warmup` ms), L2 flushed before each: the
     timing loop of triton.testing.do_bench with the flush of `_flush_state`. The host issues each
     call while the flush runs, so an eager time is the GPU time whenever the host keeps up."""
@@ -107,7 +110,8 @@ def _flushed_calls(fn, n: int) -> list[float]:
     return [start.elapsed_time(end) for start, end in events]
 
 
-def _graphed(fn):
+def graphed(fn):
+    """The replay of a CUDA graph of fn's launches (fn is called once first, outside the capture)."""
     fn()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -115,7 +119,7 @@ def _graphed(fn):
     return graph.replay
 
 
-class _Layer:
+class Layer:
     """Weights of one shape, and the implementations timed against each other; the σ-MoE planned with
     `configs` (a `ConfigTable`; None: the shipped one)."""
 
@@ -172,7 +176,7 @@ class _Layer:
         return y.index_add_(0, order // self.k, out).to(x.dtype)
 
 
-def _agreement(layer: _Layer, x, y, ref) -> dict:
+def agreement(layer: Layer, x, y, ref) -> dict:
     """Error against the baseline over tokens routed alike (0 when there are none), and the tokens
     routed differently (a row off by > 5%): how many, and the largest gap between their k-th and
     (k+1)-th logits."""
@@ -214,7 +218,7 @@ def measure(name: str, T: int, *, graph: bool = True, configs=None) -> dict:
     """One row of the table: every implementation timed at one shape and token count, the σ-MoE
     planned with `configs` (a `ConfigTable`; None: the shipped one)."""
     d, E, G, k = SHAPES[name]
-    layer = _Layer(d, E, G, k, configs=configs)
+    layer = Layer(d, E, G, k, configs=configs)
     x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
     used, live = layer.rows_needed(x)
     row = {"shape": name, "T": T, "path": _mode(name, T, configs), "experts_used": used,
@@ -228,20 +232,20 @@ def measure(name: str, T: int, *, graph: bool = True, configs=None) -> dict:
         ref = None
         try:
             ref = layer.grouped_mm(x)
-            row["grouped_mm_ms"] = _time(lambda: layer.grouped_mm(x))
+            row["grouped_mm_ms"] = median_ms(lambda: layer.grouped_mm(x))
         except RuntimeError as error:  # torch._grouped_mm missing or unsupported here
             row["grouped_mm_error"] = str(error).splitlines()[0]
         for what, fn in calls.items():
-            row[f"{what}_ms"] = _time(fn)
+            row[f"{what}_ms"] = median_ms(fn)
             row[f"{what}_host_us"] = _host_us(fn)
             if graph and T <= GRAPH_MAX_TOKENS and what != "moe_cached":  # the same launches as moe
-                row[f"{what}_graph_ms"] = _time(_graphed(fn))
+                row[f"{what}_graph_ms"] = median_ms(graphed(fn))
         if ref is not None:
             # the outputs of the first call (JIT), of a direct launch (table) and of a cached-graph replay
-            row.update({f"{key}_first": value for key, value in _agreement(layer, x, first, ref).items()})
-            row.update(_agreement(layer, x, layer.moe(x), ref))
+            row.update({f"{key}_first": value for key, value in agreement(layer, x, first, ref).items()})
+            row.update(agreement(layer, x, layer.moe(x), ref))
             row.update({f"{key}_cached": value for key, value in
-                        _agreement(layer, x, layer.moe(x, cuda_graph=True), ref).items()})
+                        agreement(layer, x, layer.moe(x, cuda_graph=True), ref).items()})
     row["vs_param"] = row["moe_ms"] / row["dense_param_ms"]
     row["vs_compute"] = row["moe_ms"] / row["dense_compute_ms"]
     if "moe_graph_ms" in row:
@@ -250,184 +254,6 @@ def measure(name: str, T: int, *, graph: bool = True, configs=None) -> dict:
     if "grouped_mm_ms" in row:
         row["vs_grouped_mm"] = row["grouped_mm_ms"] / row["moe_ms"]
     return row
-
-
-def candidates(name: str, T: int, *, sequences: bool = False, configs=None) -> list[dict]:
-    """Experts configs worth timing for a shape and token count (see `configs.experts_config`):
-    tile configs of the shipped summation (column spans, route tiles), or with `sequences` each
-    sequence and summation (`finish`) with the shipped tiles:
-    up to 64 tokens the gather sequence, up to 1024 also gather tiles against the fused sequence,
-    beyond fused and split. "Shipped": of `configs` (a `ConfigTable`; None: the shipped one)."""
-    from moexport.kernels.configs import GATHER_MAX_TOKENS, ROUTE_FIELDS, bucket, experts_config
-
-    d, E, G, k = SHAPES[name]
-    default = experts_config(d, E, G, d, k, bucket(T), configs=configs)
-    if sequences:
-        finishes = ("inline", "atomic") if T <= 1024 else ("inline", "pass", "atomic")
-        if T <= GATHER_MAX_TOKENS:
-            bases = [default]
-        elif T <= 1024:
-            bases = [dict(default, mode="fused")] + [
-                {"mode": "gather", "BLOCK_M": m, "BLOCK_G": g, "BLOCK_D": 128, "BLOCK_N": 128, "num_warps": w,
-                 "num_stages": 3} for m, g, w in ((32, 32, 4), (32, 64, 4), (64, 32, 8), (64, 64, 8), (64, 128, 8))]
-        else:
-            bases = [dict(default, mode=m) for m in ("fused", "split")]
-        variants = [dict(c, finish=f) for c in bases for f in finishes]
-        return [default] + [c for c in variants if c != default]
-    fields = ("BLOCK_M", "BLOCK_G", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages")
-    if T <= GATHER_MAX_TOKENS:
-        grid = [(16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 128, 4, 3), (32, 256, 256, 8, 3),
-                (32, 64, 64, 4, 4), (16, 512, 512, 8, 2), (32, 512, 256, 8, 2), (64, 256, 256, 8, 3),
-                (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 64, 128, 8, 6),
-                # round 7: wider value tiles (more independent MMAs a step) and two programs an SM
-                (128, 128, 256, 8, 3), (64, 128, 128, 8, 3), (64, 128, 256, 8, 3)]
-        grid = [(default["BLOCK_M"], *c) for c in grid]
-        mode = "gather"
-    elif T <= 1024:
-        grid = [(16, 32, 64, 128, 4, 3), (32, 32, 64, 128, 4, 3), (32, 64, 64, 128, 4, 3), (32, 128, 64, 64, 4, 3),
-                (16, 32, 256, 256, 4, 3), (32, 64, 128, 128, 4, 4), (32, 128, 128, 128, 8, 3),
-                (16, 64, 256, 128, 4, 3), (16, 64, 512, 256, 8, 2), (16, 64, 256, 256, 8, 3),
-                (32, 128, 256, 256, 8, 2), (64, 128, 128, 128, 8, 3)]
-        mode = "fused"
-    else:
-        grid = [(128, 128, 64, 64, 8, 3), (128, 128, 64, 128, 8, 3), (128, 128, 64, 64, 8, 4),
-                (64, 128, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3), (64, 256, 64, 64, 8, 3),
-                (128, 128, 128, 64, 8, 2)]
-        mode = "fused"
-    finish = default.get("finish", "inline")
-    out = [default] + [dict(zip(fields, c), mode=mode, finish=finish) for c in grid]
-    if T > GATHER_MAX_TOKENS:
-        out.append({"mode": "split", "finish": finish})
-    if T <= GATHER_MAX_TOKENS:
-        # gather programs with and without speculation (the plan's rule: configs.SPECULATE_MIN_USE)
-        out += [dict(default, speculate=v) for v in (False, True)]
-    if T <= 1024:
-        # spans of output columns per row block: more programs for few rows, no more adds per output
-        out += [dict(default, V_SPLIT=v) for v in (2, 4)]
-        if default["mode"] == "gather" and T > GATHER_MAX_TOKENS:
-            out += [dict(default, BLOCK_M=m, BLOCK_G=g, num_warps=w, V_SPLIT=v)
-                    for m, g, w, v in ((32, 64, 4, 2), (64, 128, 8, 1), (64, 128, 8, 2), (64, 128, 8, 4),
-                                       (32, 128, 4, 4))]
-    # the route kernel's tiles, with the shipped experts config
-    routes = ([(16, 128, 4, 4), (16, 256, 8, 3), (32, 256, 8, 3), (16, 512, 8, 2)] if T <= 1024 else
-              [(64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 3), (64, 256, 8, 2)])
-    out += [dict(default, route=dict(zip(ROUTE_FIELDS, r))) for r in routes]
-    unique = []
-    for c in out:
-        if c not in unique and c.get("BLOCK_G", 0) <= max(G, 16):
-            unique.append(c)
-    return unique
-
-
-def _tuned_key(name: str, T: int) -> tuple:
-    from moexport.kernels.configs import experts_key
-
-    d, E, G, k = SHAPES[name]
-    return experts_key(d, E, G, d, k, T)
-
-
-def _trying(name: str, T: int, config: dict | None, configs=None):
-    """The table that makes `config` the experts config of (shape, T) on top of `configs` (None: the
-    shipped one); `configs` itself for no config."""
-    from moexport.kernels.configs import shipped
-
-    if config is None:
-        return configs
-    return (shipped() if configs is None else configs).merged({_tuned_key(name, T): config})
-
-
-def _warm_one(task: tuple) -> str:
-    """Compile (into Triton's disk cache) the kernels of one (shape, T, config, table), in a worker process."""
-    name, T, config, configs = task
-    try:
-        layer = _Layer(*SHAPES[name], configs=_trying(name, T, config, configs))
-        with torch.no_grad():
-            layer.moe(torch.randn(T, layer.d, device=DEVICE, dtype=torch.bfloat16))
-        torch.cuda.synchronize()
-        return ""
-    except Exception as error:  # noqa: BLE001 - reported, and the main process meets it again
-        return f"{task}: {str(error).splitlines()[0][:160]}"
-
-
-def warm(tasks: list[tuple], jobs: int) -> None:
-    """Compile the kernels of many (shape, T, config) in `jobs` processes at once: the Triton
-    compiler is single-threaded, the timing process then loads them from the disk cache."""
-    if jobs <= 1 or not tasks:
-        return
-    import concurrent.futures
-    import multiprocessing
-
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for problem in pool.map(_warm_one, tasks):
-            if problem:
-                print(f"warm-up failed: {problem}")
-
-
-def _kernel_us(fn, n: int = 5) -> dict:
-    """Mean GPU time (microseconds) of each kernel of fn over n back-to-back calls (L2 not flushed),
-    from the profiler; empty where the profiler cannot trace the GPU."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-        return {e.key[:60]: getattr(e, "device_time_total", 0) / n for e in prof.key_averages()
-                if getattr(e, "device_time_total", 0) > 0}
-    except Exception as error:  # noqa: BLE001 - a diagnostic only
-        return {"error": str(error).splitlines()[0][:160]}
-
-
-# Largest error (max |moe - grouped_mm| / max |grouped_mm|) a config may have to be picked: about three
-# bfloat16 steps at the largest output. Float32 sums stay near 0.004-0.007; bfloat16 atomics round
-# each of a token's k * hidden-chunk adds and reach 0.008-0.022, so many adds are turned down.
-MAX_ERR = 0.0125
-# Configs within this factor of the fastest count as equally fast (timing noise): the most accurate wins.
-NOISE = 1.02
-
-
-def pick(timings: list[dict], T: int) -> dict | None:
-    """The timing of the config to ship: among those with max_err <= MAX_ERR, the most accurate of
-    the ones within NOISE of the fastest. Up to 1024 tokens by GPU time (graph replays; eager calls
-    can be host-bound, which configs do not change), beyond by eager time."""
-    speed = (lambda t: t["graph_ms"]) if T <= 1024 else (lambda t: t["ms"])
-    ok = [t for t in timings if t["max_err"] <= MAX_ERR]
-    if not ok:
-        return None
-    fastest = min(speed(t) for t in ok)
-    return min((t for t in ok if speed(t) <= NOISE * fastest), key=lambda t: (t["max_err"], speed(t)))
-
-
-def tune(name: str, T: int, *, sequences: bool = False, configs=None) -> dict:
-    """Time every candidate experts config of one shape and token count (eager and graph replay),
-    checking each one's output against torch._grouped_mm; returns them all and the one `pick` ships.
-    Candidates are tried on top of `configs` (a `ConfigTable`; None: the shipped one)."""
-    d, E, G, k = SHAPES[name]
-    layer = _Layer(d, E, G, k)
-    x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
-    timings = []
-    with torch.no_grad():
-        ref = layer.grouped_mm(x)
-        for config in candidates(name, T, sequences=sequences, configs=configs):
-            layer.configs = _trying(name, T, config, configs)
-            try:
-                agree = _agreement(layer, x, layer.moe(x), ref)
-                timings.append({"config": config, "ms": _time(lambda: layer.moe(x), rep=25),
-                                "graph_ms": _time(_graphed(lambda: layer.moe(x)), rep=25), **agree})
-            except Exception as error:  # noqa: BLE001 - a config that does not compile is skipped
-                print(f"skip {name} T={T} {config}: {str(error).splitlines()[0][:120]}")
-    best = pick(timings, T)
-    cell = {"shape": name, "T": T, "key": list(_tuned_key(name, T)), "best": best and best["config"],
-            "dense_param_ms": _time(lambda: layer.dense(x, layer.w1, layer.w2)),
-            "dense_compute_ms": _time(lambda: layer.dense(x, layer.c1, layer.c2)), "timings": timings}
-    if best:  # last: the profiler can slow later host calls down
-        layer.configs = _trying(name, T, best["config"], configs)
-        with torch.no_grad():
-            cell["kernels_us"] = _kernel_us(lambda: layer.moe(x))
-    return cell
 
 
 def _plot(rows, path: Path) -> None:
@@ -455,72 +281,57 @@ def _plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moexport bench kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-o", "--output", default=None, help="Results folder. Defaults to bench/results.")
-    parser.add_argument("--name", default=None, help="File stem. Defaults to kernels_<gpu>, e.g. kernels_h200 "
-                        "(with --tune: kernels_tuned_<gpu>).")
+def configs_from(path: str | None):
+    """The table of configs a run plans with: None (the shipped one) without a file; else the shipped
+    table with the file's configs (configs.json's format, e.g. the picks of tools/tune_kernels.py) in
+    place of its own of the same keys, as they would be once shipped."""
+    if path is None:
+        return None
+    from moexport.kernels.configs import ConfigTable, shipped
+
+    return shipped().merged(ConfigTable.load(path))
+
+
+def add_cell_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a run over benchmark cells (this benchmark, tools/tune_kernels.py): which cells,
+    how L2 is flushed, which configs."""
     parser.add_argument("--shapes", nargs="*", default=None, help=f"Defaults to all: {', '.join(SHAPES)}.")
     parser.add_argument("--tokens", nargs="*", type=int, default=None, help="Defaults to 1 16 256 4096 32768.")
-    parser.add_argument("--no-graph", action="store_true", help="Do not time the CUDA-graph replays.")
     parser.add_argument("--flush", choices=FLUSHES, default="read",
                         help="How L2 is flushed before each timed call: 'read' (default: a read of a 512 MB "
                              "buffer, the L2 left clean) or 'memset' (triton.testing.do_bench's: the L2 left "
                              "dirty, written back during the timed call).")
-    parser.add_argument("--tune", action="store_true",
-                        help="Instead of benchmarking, time the candidate experts configs; write them all as JSON "
-                             "and print the best in the form of moexport/kernels/configs.json.")
-    parser.add_argument("--sequences", action="store_true",
-                        help="With --tune: time the sequences and roundings with the shipped tiles, not tiles.")
     parser.add_argument("--configs", default=None,
-                        help="A JSON file written by --tune: its best configs replace the shipped ones of the same "
-                             "keys.")
-    parser.add_argument("--jobs", type=int, default=1, help="Processes compiling kernels ahead. Defaults to 1.")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="Only compile (with --jobs processes) the kernels the run would time, then exit.")
-    args = parser.parse_args(argv)
+                        help="A table of configs in the format of moexport/kernels/configs.json (e.g. the picks "
+                             "of tools/tune_kernels.py): its configs replace the shipped ones of the same keys.")
+
+
+def cells_of(args: argparse.Namespace, program: str) -> list[tuple[str, int]]:
+    """The (shape, T) cells of a run's options (`add_cell_options`), once they are checked and a GPU is
+    found; sets the L2 flush they ask for."""
     _flush_state["mode"] = args.flush
     if not torch.cuda.is_available():
-        raise MoexportError("moexport bench kernels", "needs a CUDA GPU", "run it on the H200")
+        raise MoexportError(program, "needs a CUDA GPU", "run it on the H200")
     shapes = args.shapes or list(SHAPES)
     for s in shapes:
         if s not in SHAPES:
             raise MoexportError(f"--shapes {s}", "is not a known shape", f"use some of {', '.join(SHAPES)}")
+    return [(s, t) for s in shapes for t in (args.tokens or TOKENS)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moexport bench kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-o", "--output", default=None, help="Results folder. Defaults to bench/results.")
+    parser.add_argument("--name", default=None, help="File stem. Defaults to kernels_<gpu>, e.g. kernels_h200.")
+    parser.add_argument("--no-graph", action="store_true", help="Do not time the CUDA-graph replays.")
+    add_cell_options(parser)
+    args = parser.parse_args(argv)
+    cells = cells_of(args, "moexport bench kernels")
     gpu = torch.cuda.get_device_name()
-    cells = [(s, t) for s in shapes for t in (args.tokens or TOKENS)]
-    out_dir = Path(args.output or "bench/results")
-    configs = None
-    if args.configs:
-        from moexport.kernels.configs import shipped
-
-        cells_tuned = json.loads(Path(args.configs).read_text())
-        tuned = {tuple(cell["key"]): cell["best"] for cell in cells_tuned if cell["best"]}
-        configs = shipped().merged(tuned)
-        print(f"{len(tuned)} configs from {args.configs}")
-    tasks = [(s, t, c, configs) for s, t in cells
-             for c in (candidates(s, t, sequences=args.sequences, configs=configs) if args.tune else [None])]
-    if args.compile_only:
-        warm(tasks, max(2, args.jobs))
-        return 0
-    warm(tasks, args.jobs)
-    if args.tune:
-        found = []
-        for s, t in cells:
-            found.append(tune(s, t, sequences=args.sequences, configs=configs))
-            print(json.dumps({k: v for k, v in found[-1].items() if k != "timings"}), flush=True)
-        out = out_dir / f"{args.name or 'kernels_tuned_' + gpu.split()[-1].lower()}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(found, indent=1))
-        for cell in found:
-            best = next((t for t in cell["timings"] if t["config"] == cell["best"]), {})
-            print(f"{cell['shape']:12s} T={cell['T']:<6d} "
-                  f"dense {cell['dense_param_ms']:.4f}/{cell['dense_compute_ms']:.4f}"
-                  f" best {best.get('ms', 0):.4f} graph {best.get('graph_ms', 0):.4f} {cell['best']}")
-        from moexport.kernels.configs import ConfigTable
-
-        print(ConfigTable({tuple(c["key"]): c["best"] for c in found if c["best"]}).to_json(), end="")
-        return 0
+    configs = configs_from(args.configs)
+    if configs is not None:
+        print(f"configs of {args.configs} in place of the shipped ones of the same keys")
     rows = []
     from moexport.core.progress import progress
 
@@ -534,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
            "L2 flush": args.flush,
            "configs": f"tuned in this call ({Path(args.configs).name})" if args.configs else "shipped"}
     name = args.name or "kernels_" + gpu.split()[-1].lower()
-    paths = write_results(name, rows, columns=COLUMNS, out_dir=out_dir,
+    paths = write_results(name, rows, columns=COLUMNS, out_dir=Path(args.output or "bench/results"),
                           title="σ-MoE FFN forward: moexport kernels vs baselines", notes=NOTES,
                           environment=env, plot=_plot)
     print(json.dumps({k: str(v) for k, v in paths.items()}))

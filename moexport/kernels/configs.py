@@ -4,8 +4,9 @@ A config depends on the layer's shape and on the bucket of the token count (powe
 run over many sequence lengths compiles a handful of kernels once. Measured configs are data: a
 `ConfigTable` keyed like that, the shipped one read from `configs.json` beside this module on first
 use (`shipped()`). The plan builders take a table (`configs=`), the shipped one by default; keys it
-lacks fall back to the heuristics below. `moexport bench kernels --tune` times candidates on the GPU
-and prints its picks in the format of configs.json; where each shipped config comes from is in
+lacks fall back to the heuristics below. The tuning harness (tools/tune_kernels.py, beside the
+package) times candidates on the GPU and writes its picks in the format of configs.json, so shipping
+a pick is merging it into that file; where each shipped config comes from is in
 bench/results/kernels_notes.md.
 """
 from __future__ import annotations
@@ -243,8 +244,9 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     while block_g > 32 and tiles * -(-G // block_g) < 2 * SMS:
         block_g //= 2
     big = block_m * block_g >= 128 * 64
-    # half-precision atomics round each of a token's k * chunks adds: the H200 sweeps stayed within
-    # `bench.kernels.MAX_ERR` up to 16 of them; beyond, float32 sums (a finalize pass for large outputs)
+    # half-precision atomics round each of a token's k * chunks adds: the H200 sweeps stayed within the
+    # tuning harness's error bound (MAX_ERR, tools/tune_kernels.py) up to 16 of them; beyond, float32
+    # sums (a finalize pass for large outputs)
     adds = k * -(-G // block_g)
     finish = "pass" if n_bucket * v_dim * 4 >= PASS_ACC_BYTES else "inline"
     if adds <= MAX_ATOMIC_ADDS:
