@@ -70,16 +70,17 @@ def add_into(ptrs, value, mask):
 # Programmatic dependent launch (sm_90+): a kernel launched with `launch_pdl` may start while the
 # kernel before it still runs, up to `wait_for_producer`, which hides the second launch's latency.
 # Both instructions are no-ops in a kernel launched without it, and the interpreter runs launches
-# one after the other anyway.
+# one after the other anyway. Kernels built for GPUs before sm_90, which lack the instructions, are
+# compiled with PDL=False (the steps' constexpr; hosts set it), and must then be launched normally.
 @triton.jit
-def let_dependents_start():
+def let_dependents_start(PDL: tl.constexpr):
     """Allow the next kernel (if launched with launch_pdl) to start its programs now."""
-    if not INTERPRET:
+    if PDL and not INTERPRET:
         tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
-def wait_for_producer():
+def wait_for_producer(PDL: tl.constexpr):
     """Block until the kernel before this one has finished and its writes are visible."""
-    if not INTERPRET:
+    if PDL and not INTERPRET:
         tl.extra.cuda.gdc_wait()

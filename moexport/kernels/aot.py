@@ -30,8 +30,10 @@ from moexport.core.files import write_atomically
 from moexport.kernels.host import kernel
 from moexport.kernels.plan import Plan
 
-_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32"}
+_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
 MANIFEST_VERSION = 1
+# PTX ISA version written into PTX (CUDA 12.4): drivers older than the compiling Triton's ptxas load it
+PTX_VERSION = 84
 
 
 def _signature(plan: Plan, step) -> tuple[dict, dict, list[dict]]:
@@ -69,6 +71,61 @@ def _write(path: Path, data: bytes | str) -> None:
     write_atomically(path, lambda tmp: tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data))
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """One step's kernel compiled for one GPU architecture: its binaries and what a launcher needs."""
+
+    cubin: bytes
+    ptx: str
+    entry: str
+    shared: int  # dynamic shared memory, bytes
+    args: list  # argument layout: {"name", "kind": "pointer", "buffer"} or {"name", "kind": "i32", "value"}
+    hidden_pointers: int  # Triton's scratch pointers after the arguments, passed as null
+    constexprs: dict
+    pdl: bool  # built with the programmatic-dependent-launch instructions (sm_90+): may launch with PDL
+
+
+def argument_layout(plan: Plan, step) -> list[dict]:
+    """A step's runtime arguments in order: buffer pointers and 32-bit integer expressions."""
+    return [{k: v for k, v in arg.items() if k != "name"} for arg in _signature(plan, step)[2]]
+
+
+def step_identity(plan: Plan, step) -> tuple:
+    """What a step's compiled kernel depends on: steps of equal identity share one binary per architecture."""
+    signature, constexprs, _ = _signature(plan, step)
+    return (step.kernel, tuple(signature.items()), tuple(sorted((k, repr(v)) for k, v in constexprs.items())),
+            step.num_warps, step.num_stages, step.launch_pdl)
+
+
+def compile_step(plan: Plan, step, *, sm: int, ptx_version: int) -> CompiledStep:
+    """Compile one step's kernel with `triton.compile` for compute capability `sm` (no GPU needed).
+
+    Raises:
+        MoexportError: the kernel needs global scratch memory (no plan kernel should).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature, constexprs, layout = _signature(plan, step)
+    pdl = sm >= 90  # before sm_90 there are no PDL instructions: the kernel is built without them
+    if "PDL" in constexprs:
+        constexprs = dict(constexprs, PDL=pdl)
+    # signature is in argument order: tt.divisibility marks the pointer arguments by position
+    pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
+    source = triton.compiler.ASTSource(fn=kernel(step.kernel), signature=signature, constexprs=constexprs,
+                                       attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
+    options = {"num_warps": step.num_warps, "num_stages": step.num_stages, "ptx_version": ptx_version,
+               "enable_fp_fusion": True, **({"launch_pdl": True} if step.launch_pdl and pdl else {})}
+    compiled = triton.compile(source, target=GPUTarget("cuda", sm, 32), options=options)
+    meta = compiled.metadata
+    if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+        raise MoexportError(f"kernel {step.kernel}", "needs scratch memory, which AOT plans do not provide")
+    ptx = compiled.asm["ptx"]
+    return CompiledStep(compiled.asm["cubin"], ptx, meta.name, meta.shared, layout,
+                        _entry_params(ptx, meta.name) - len(layout),
+                        {k: v for k, v in constexprs.items() if v is not None}, pdl)
+
+
 def compile_plan(plan: Plan, out_dir: str | os.PathLike, *, sm: int | None = None,
                  ptx_version: int | None = None, name: str | None = None) -> Path:
     """Compile every kernel of `plan` for one GPU architecture; write binaries and `<plan>.json`.
@@ -90,43 +147,36 @@ def compile_plan(plan: Plan, out_dir: str | os.PathLike, *, sm: int | None = Non
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _compile_in_child(plan, out_dir, sm=sm, ptx_version=ptx_version, name=name)
     import triton
-    from triton.backends.compiler import GPUTarget
 
     sm = 90 if sm is None else sm
-    ptx_version = 84 if ptx_version is None else ptx_version
+    ptx_version = PTX_VERSION if ptx_version is None else ptx_version
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = []
     for index, step in enumerate(plan.steps):
-        signature, constexprs, layout = _signature(plan, step)
-        # signature is in argument order: tt.divisibility marks the pointer arguments by position
-        pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
-        source = triton.compiler.ASTSource(fn=kernel(step.kernel), signature=signature, constexprs=constexprs,
-                                           attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
-        options = {"num_warps": step.num_warps, "num_stages": step.num_stages, "ptx_version": ptx_version,
-                   "enable_fp_fusion": True, **({"launch_pdl": True} if step.launch_pdl else {})}
-        compiled = triton.compile(source, target=GPUTarget("cuda", sm, 32), options=options)
-        meta = compiled.metadata
-        if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
-            raise MoexportError(f"kernel {step.kernel}", "needs scratch memory, which AOT plans do not provide")
-        stem = f"{name or plan.name}_{index:02d}_{step.kernel.replace('.', '_')}_{hashlib.sha256(compiled.asm['cubin']).hexdigest()[:10]}"
-        _write(out / f"{stem}.cubin", compiled.asm["cubin"])
-        _write(out / f"{stem}.ptx", compiled.asm["ptx"])
-        steps.append({"kernel": step.kernel, "entry": meta.name, "cubin": f"{stem}.cubin", "ptx": f"{stem}.ptx",
-                      "grid": list(step.grid), "block": [32 * step.num_warps, 1, 1], "shared": meta.shared,
-                      "args": layout, "hidden_pointers": _entry_params(compiled.asm["ptx"], meta.name) - len(layout),
-                      "launch_pdl": step.launch_pdl,
-                      "constexprs": {k: v for k, v in constexprs.items() if v is not None}})
+        compiled = compile_step(plan, step, sm=sm, ptx_version=ptx_version)
+        stem = f"{name or plan.name}_{index:02d}_{step.kernel.replace('.', '_')}_{hashlib.sha256(compiled.cubin).hexdigest()[:10]}"
+        _write(out / f"{stem}.cubin", compiled.cubin)
+        _write(out / f"{stem}.ptx", compiled.ptx)
+        steps.append({"kernel": step.kernel, "entry": compiled.entry, "cubin": f"{stem}.cubin", "ptx": f"{stem}.ptx",
+                      "grid": list(step.grid), "block": [32 * step.num_warps, 1, 1], "shared": compiled.shared,
+                      "args": compiled.args, "hidden_pointers": compiled.hidden_pointers,
+                      "launch_pdl": step.launch_pdl and compiled.pdl, "constexprs": compiled.constexprs})
     manifest = {"version": MANIFEST_VERSION, "plan": plan.name, "sm": sm, "ptx_version": ptx_version,
                 "triton": triton.__version__, "max_tokens": plan.max_tokens,
                 "expressions": "integers, + - * // ( ), cdiv(a, b), min(a, b), max(a, b) over the symbols",
-                "inputs": [dataclasses.asdict(b) for b in plan.inputs],
-                "outputs": [dataclasses.asdict(b) for b in plan.outputs],
-                "workspace": [dataclasses.asdict(b) for b in plan.workspace],
-                "derived": [list(d) for d in plan.derived], "steps": steps}
+                **plan_buffers(plan), "steps": steps}
     path = out / f"{name or plan.name}.json"
     _write(path, json.dumps(manifest, indent=1))
     return path
+
+
+def plan_buffers(plan: Plan) -> dict:
+    """A plan's buffers and derived symbols as manifests hold them."""
+    return {"inputs": [dataclasses.asdict(b) for b in plan.inputs],
+            "outputs": [dataclasses.asdict(b) for b in plan.outputs],
+            "workspace": [dataclasses.asdict(b) for b in plan.workspace],
+            "derived": [list(d) for d in plan.derived]}
 
 
 def _compile_in_child(plan: Plan, out_dir, **options) -> Path:

@@ -179,6 +179,7 @@ def experts_kernel(
     ACTIVATION: tl.constexpr, DISPATCHED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, V_SPLIT: tl.constexpr, SPECULATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     NG: tl.constexpr = (G + BLOCK_G - 1) // BLOCK_G
     # V_SPLIT programs share a row block and hidden chunk, each with its own span of output columns:
@@ -186,7 +187,7 @@ def experts_kernel(
     SPAN: tl.constexpr = (DV + V_SPLIT * BLOCK_N - 1) // (V_SPLIT * BLOCK_N) * BLOCK_N
     if DISPATCHED:
         # the plans launch these normally (after the dispatch kernel); waiting keeps a PDL launch correct
-        wait_for_producer()
+        wait_for_producer(PDL)
         rt = tl.program_id(0) // NG
         chunk = tl.program_id(0) % NG
         if rt >= tl.load(tile_map_ptr):
@@ -221,14 +222,14 @@ def experts_kernel(
             tok = tl.arange(0, BLOCK_M)
             h = _up_rows(x_ptr, keys_ptr, bias_ptr, tok, tok < N, e, chunk, turn, D, G, ACTIVATION, BLOCK_M,
                          BLOCK_G, BLOCK_D)
-            wait_for_producer()
+            wait_for_producer(PDL)
             gate, chose = _gates_of(expert_ptr, gate_ptr, tok, N, e, K, BLOCK_K)
             if tl.max(chose.to(tl.int32), axis=0) > 0:
                 _down_rows(h, values_ptr, o_bias_ptr, acc_ptr, count_ptr, y_ptr, tok, gate, chose, e, chunk, col,
                            turn, G, DV, K, NG, V_SPLIT, SPAN, BLOCK_G, BLOCK_N, True)
         else:
             # launched with launch_pdl, the program started while the route kernel runs
-            wait_for_producer()
+            wait_for_producer(PDL)
             mine = ((e * NG + chunk) * V_SPLIT + col).to(tl.int64) * N
             n_rows = _token_list(expert_ptr, gate_ptr, list_tok_ptr + mine, list_gate_ptr + mine, N, e, K, BLOCK_S,
                                  BLOCK_K)

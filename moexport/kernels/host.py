@@ -73,8 +73,8 @@ def pack_workspace(sizes: Sequence[int]) -> tuple[list[int], int]:
 
 
 def buffer_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a plan buffer's dtype name ('float32', 'int32', 'float16', 'bfloat16')."""
-    return torch.int32 if name == "int32" else torch_dtype(name)
+    """The torch dtype of a plan buffer's dtype name ('float32', 'int32', 'int64', 'float16', 'bfloat16')."""
+    return {"int32": torch.int32, "int64": torch.int64}.get(name) or torch_dtype(name)
 
 
 class _Prepared:
@@ -97,6 +97,8 @@ class _Prepared:
                 args = {name: (value in names, value if value is None or value in names
                                       else evaluate(value, symbols)) for name, value in step.args.items()}
                 options = dict(step.constexprs, num_warps=step.num_warps, num_stages=step.num_stages)
+                if "PDL" in options:  # the instructions exist from sm_90 on
+                    options["PDL"] = _pdl_supported()
                 if step.launch_pdl and _pdl_supported():
                     options["launch_pdl"] = True
                 grid = tuple(evaluate(g, symbols) for g in step.grid)

@@ -101,6 +101,8 @@ class MoEShape:
     selection: str = "sigmoid"
     activation: str = "relu"
     bias: bool = False
+    # the router weight's dtype, where it is not `dtype`: the ONNX op keeps it in float32
+    router_dtype: str | None = None
 
     @classmethod
     def of(cls, layer, dtype: str) -> "MoEShape":
@@ -116,7 +118,7 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
     `cfg`: the route config, by default `tile_config`'s."""
     cfg = cfg or tile_config("route", s.d, s.n_experts, n, rows_per_expert=0, configs=configs)
     has_x = source == "x"
-    item = 2 if s.dtype in ("float16", "bfloat16") else 4
+    item = 2 if s.dtype in ("float16", "bfloat16") and s.router_dtype in (None, s.dtype) else 4
     return Step(
         "routing.route_kernel", (f"cdiv(N, {cfg['BLOCK_N']})",),
         {"x_ptr": "x" if has_x else None, "sel_ptr": "expert_sel" if has_x else None,
@@ -126,7 +128,8 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
         {"E": s.n_experts, "D": s.d, "K": s.k, "SELECTION": SELECTION_CODES[s.selection], "HAS_X": has_x,
          "STORE_LOGITS": logits_out, "STORE_COUNTS": counts, "FILL_COLS": s.v_dim, "COUNT_COLS": count_cols,
          "BLOCK_N": cfg["BLOCK_N"], "BLOCK_E": pow2(s.n_experts), "BLOCK_K": pow2(s.k, 1),
-         "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d), _fit(48 * 1024, (pow2(s.n_experts) + cfg["BLOCK_N"]) * item))},
+         "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d), _fit(48 * 1024, (pow2(s.n_experts) + cfg["BLOCK_N"]) * item)),
+         "PDL": True},
         cfg["num_warps"], cfg["num_stages"])
 
 
@@ -230,16 +233,19 @@ def _plan_buffers(s: MoEShape, n: int, tile_m: int, route_block: int) -> tuple[B
 def _layer_inputs(s: MoEShape, *, with_x: bool = True) -> tuple[Buffer, ...]:
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
     out = (Buffer("x", s.dtype, ("N", str(d))),) if with_x else ()
-    out += (Buffer("expert_sel", s.dtype, (str(E), str(d))), Buffer("keys", s.dtype, (str(E), str(d), str(G))),
+    out += (Buffer("expert_sel", s.router_dtype or s.dtype, (str(E), str(d))),
+            Buffer("keys", s.dtype, (str(E), str(d), str(G))),
             Buffer("values", s.dtype, (str(E), str(G), str(dv))))
     if s.bias:
         out += (Buffer("bias", s.dtype, (str(E), str(G))), Buffer("o_bias", s.dtype, (str(dv),)))
     return out
 
 
-def sigma_moe_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None) -> Plan:
+def sigma_moe_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None, expert_output: bool = False) -> Plan:
     """Inference forward of a σ-MoE layer for token counts in n_tokens' bucket, with the configs
-    of `configs` (a table of measured ones; defaults to the shipped table) or the defaults.
+    of `configs` (a table of measured ones; defaults to the shipped table) or the defaults. With
+    `expert_output`, the plan also outputs each token's experts, best first (`experts` [N, k] int64:
+    what the ONNX op's optional second output holds), copied by one more launch.
 
     The config of the bucket (`configs.experts_config`) picks one of three sequences:
 
@@ -301,9 +307,13 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None) -> Pl
             workspace += (Buffer("h", s.dtype, ("S", str(G))),)
     if finish == "pass":
         steps += (_finalize_step("acc", o_bias, "y", dv),)
-    return Plan("sigma_moe", _layer_inputs(s), (Buffer("y", s.dtype, ("N", str(dv))),), workspace, steps,
-                derived=(("S", f"N * {s.k}"),), max_tokens=n,
-                notes={"mode": mode, "finish": finish, "config": cfg})
+    outputs = (Buffer("y", s.dtype, ("N", str(dv))),)
+    if expert_output:
+        outputs += (Buffer("experts", "int64", ("N", str(s.k))),)
+        steps += (Step("routing.widen_kernel", (f"cdiv(N * {s.k}, 1024)",),
+                       {"src_ptr": "expert", "dst_ptr": "experts", "n": f"N * {s.k}"}, {"BLOCK": 1024}, 4, 1),)
+    return Plan("sigma_moe", _layer_inputs(s), outputs, workspace, steps, derived=(("S", f"N * {s.k}"),),
+                max_tokens=n, notes={"mode": mode, "finish": finish, "config": cfg})
 
 
 def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str, count: str | None,
@@ -329,7 +339,8 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
          "DISPATCHED": dispatched, "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d)),
          "BLOCK_N": min(cfg["BLOCK_N"], pow2(s.v_dim)), "BLOCK_K": pow2(s.k, 1),
          # tokens the gather path scans per step (dispatched tiles scan nothing)
-         "BLOCK_S": 16 if dispatched else min(GATHER_SCAN, pow2(n)), "V_SPLIT": v_split, "SPECULATE": speculate},
+         "BLOCK_S": 16 if dispatched else min(GATHER_SCAN, pow2(n)), "V_SPLIT": v_split, "SPECULATE": speculate,
+         "PDL": True},
         # gather programs start while the route kernel (the step before) runs, and wait for it
         cfg["num_warps"], cfg["num_stages"], launch_pdl=not dispatched)
 
@@ -351,9 +362,12 @@ def topk_dispatch_plan(n_experts: int, k: int, selection: str, n_tokens: int, *,
 
 
 def cvmm_plan(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: bool, k: int, gate: bool,
-              n_rows: int, w_strides: tuple[int, int, int] | None = None, configs: Configs = None) -> Plan:
+              n_rows: int, w_strides: tuple[int, int, int] | None = None, configs: Configs = None,
+              out_dtype: str | None = None) -> Plan:
     """The CVMM op over S sorted rows: out[dst] = (gate *) x[src] @ W[e], or summed into dst // k
-    (tile config of `configs`, defaulting to the shipped table)."""
+    (tile config of `configs`, defaulting to the shipped table); out in `out_dtype` (the ONNX op's
+    is float32), by default x's dtype."""
+    out_dtype = out_dtype or dtype
     E = n_experts
     w_strides = w_strides or (d_in * d_out, d_out, 1)
     rows = max(1, n_rows // E)
@@ -366,7 +380,7 @@ def cvmm_plan(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: bool
                    {"sorted_expert_ptr": "sorted_expert", "offsets_ptr": "offsets", "tile_map_ptr": "tile_map",
                     "S": "S"}, {"E": E, "TILE_M": tile_m, "BLOCK_E": pow2(E + 1)}, 4, 1)
     out_rows = "cdiv(S, %d)" % k if reduce else "S"
-    direct = dtype == "float32" or not reduce
+    direct = out_dtype == "float32" or not reduce
     main = _cvmm_step(x="x", w="w", out="out" if direct else "acc", e=E, k_in=d_in, n_out=d_out, w_strides=w_strides,
                       cfg=cfg, tile_m=tile_m, src="src_row", dst="dst_row", dst_div=k if reduce else 1,
                       gate="gate" if gate else None, epilogue=1 if reduce else 0)
@@ -381,7 +395,7 @@ def cvmm_plan(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: bool
               Buffer("w", dtype, (str(E), str(d_in), str(d_out)), strided=True))
     if gate:
         inputs += (Buffer("gate", "float32", ("S",)),)
-    outputs = (Buffer("out", dtype, (out_rows, str(d_out)), zero=reduce and direct),)
+    outputs = (Buffer("out", out_dtype, (out_rows, str(d_out)), zero=reduce and direct),)
     return Plan("cvmm", inputs, outputs, workspace, steps, derived=(("N", f"cdiv(S, {k})"),),
                 max_tokens=bucket(n_rows))
 

@@ -38,9 +38,10 @@ def route_kernel(
     HAS_X: tl.constexpr, STORE_LOGITS: tl.constexpr, STORE_COUNTS: tl.constexpr,
     FILL_COLS: tl.constexpr, COUNT_COLS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # the gather experts kernel (launched with launch_pdl) may start its programs now (they wait for ours)
-    let_dependents_start()
+    let_dependents_start(PDL)
     pid = tl.program_id(0)
     if fill_ptr is not None:
         _fill_rows(fill_ptr, fill_row_ptr, pid * BLOCK_N, N, FILL_COLS, BLOCK_N)
@@ -59,7 +60,8 @@ def route_kernel(
                          mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
             st = tl.load(sel_ptr + cols[None, :] * D + dd[:, None],
                          mask=col_ok[None, :] & (dd[:, None] < D), other=0.0)
-            logits += mma(xt, st)
+            # a float32 router weight (the ONNX op's) takes the tokens in float32: exact for half types
+            logits += mma(xt.to(st.dtype), st)
         if STORE_LOGITS:
             tl.store(logits_ptr + rows[:, None] * E + cols[None, :], logits,
                      mask=row_ok[:, None] & col_ok[None, :])
@@ -175,6 +177,13 @@ def dispatch_kernel(
         tl.store(sorted_expert_ptr + pos, ex, mask=ok)
         tl.store(sorted_slot_ptr + pos, slots, mask=ok)
         running += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def widen_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    """dst[i] = src[i] for i < n, int32 to int64: the expert indices as the SigmaMoE op outputs them."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_ptr + i, tl.load(src_ptr + i, mask=i < n).to(tl.int64), mask=i < n)
 
 
 @triton.jit
