@@ -1,11 +1,16 @@
-"""ONNX Runtime sessions for graphs with moexport ops.
+"""ONNX Runtime sessions for graphs with moexport ops, and the compiled op library.
 
-ONNX Runtime executes the moexport nodes through their model-local function bodies, which it inlines
-when the session is created (`session.disable_aot_function_inlining` must stay off), wherever no
-registered kernel of the same domain and name takes precedence.
+On ONNX Runtime's CUDA execution provider, a graph whose moexport nodes carry compiled kernels (`moexport
+fuse`) runs them through the op library `libmoexport_ort.so` (`ort_library()`, built with the package
+from `ort_ops.cpp`), which `ort_session` registers. Everywhere else ONNX Runtime runs the nodes'
+model-local function bodies, which it inlines when the session is created
+(`session.disable_aot_function_inlining` must stay off). The library defines the op set for the CUDA
+provider only, and ONNX Runtime no longer falls back to a function body once a library defines its
+op, so it is registered for CUDA sessions alone.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -13,7 +18,11 @@ import onnx
 
 from moexport.core.errors import MoexportError
 from moexport.core.onnx_files import load_model
+from moexport.native import load
 from moexport.opset import DOMAIN, attach_functions, check_opset_imports
+from moexport.opset.functions import kernels_input
+
+LIBRARY = "libmoexport_ort.so"
 
 
 def _load(model: str | os.PathLike | onnx.ModelProto, *, load_external_data: bool) -> tuple[onnx.ModelProto, str]:
@@ -28,14 +37,52 @@ def _needs_functions(model: onnx.ModelProto) -> bool:
     return any(n.domain == DOMAIN and (n.op_type, n.overload) not in have for n in model.graph.node)
 
 
+def ort_library() -> Path:
+    """Path of the compiled op library, for `SessionOptions.register_custom_ops_library` (Python) or
+    `Ort::SessionOptions::RegisterCustomOpsLibrary` (C++) in sessions with the CUDA execution provider.
+
+    Raises:
+        MoexportError: the library was not built when moexport was installed (no C++17 compiler).
+    """
+    path = Path(__file__).with_name(LIBRARY)
+    if not path.is_file():
+        raise MoexportError(LIBRARY, "was not built when moexport was installed (it needs a C++17 compiler, g++)",
+                            "install g++ and reinstall moexport (pip install --force-reinstall --no-deps moexport, "
+                            "or pip install -e . in a checkout)")
+    return path
+
+
+def compiled_calls() -> int:
+    """How many moexport node executions ran on the compiled kernels in this process so far (0 where the
+    library was never loaded)."""
+    path = Path(__file__).with_name(LIBRARY)
+    if not path.is_file():
+        return 0
+    counter = load(path).moexport_ort_compiled_calls
+    counter.restype = ctypes.c_uint64
+    return int(counter())
+
+
+def carries_kernels(model: onnx.ModelProto) -> bool:
+    """Whether some moexport node of `model` has compiled kernels attached."""
+    return any(kernels_input(node) for node in model.graph.node)
+
+
+def _uses_cuda(providers: list) -> bool:
+    return any((p[0] if isinstance(p, (tuple, list)) else p) == "CUDAExecutionProvider" for p in providers)
+
+
 def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[str] | None = None,
                 threads: int | None = None, optimization: str | None = None):
     """An ONNX Runtime InferenceSession for a graph with moexport ops.
 
+    With the CUDA execution provider, nodes that carry compiled kernels run them (the op library is
+    registered); the session's `moexport_kernels` attribute says so. Elsewhere the function bodies run.
+
     Args:
         model: Path of an .onnx file (external data next to it) or a ModelProto. Moexport nodes
             without a function body get one (in a given ModelProto, in place).
-        providers: Execution providers. Defaults to ["CPUExecutionProvider"].
+        providers: Execution providers, names or (name, options). Defaults to ["CPUExecutionProvider"].
         threads: Intra-op threads. Defaults to ONNX Runtime's choice (all cores).
         optimization: Graph optimisation level: 'disable', 'basic', 'extended' or 'all'. Defaults to 'all'.
 
@@ -51,10 +98,14 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[s
         raise MoexportError(f"optimization={optimization!r}", "is not a level", f"use one of {', '.join(levels)}")
     proto, culprit = _load(model, load_external_data=False)
     check_opset_imports(proto, culprit)
+    providers = providers or ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
     if threads is not None:
         options.intra_op_num_threads = threads
+    kernels = _uses_cuda(providers) and carries_kernels(proto)
+    if kernels:
+        options.register_custom_ops_library(str(ort_library()))
     path = None if isinstance(model, onnx.ModelProto) else str(model)
     if _needs_functions(proto):
         if path is not None:  # ORT gets the graph with its bodies as bytes, so the weights must be in it
@@ -65,7 +116,33 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[s
                                 "run `moexport fuse` on it first, which writes the bodies")
         path = None
     try:
-        return ort.InferenceSession(proto.SerializeToString() if path is None else path, options,
-                                    providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(proto.SerializeToString() if path is None else path, options,
+                                       providers=providers)
     except Exception as error:  # ORT raises its own Fail/InvalidGraph types for a bad graph
         raise MoexportError(culprit, f"is rejected by ONNX Runtime: {error}") from None
+    session.moexport_kernels = kernels
+    return session
+
+
+# torch dtype name -> ONNX element type, as IOBinding takes it (ONNX Runtime >= 1.20 binds bfloat16 so)
+_ELEMENT_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+                  "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64,
+                  "int32": onnx.TensorProto.INT32}
+
+
+def run_with_tensors(session, inputs: dict, outputs: dict) -> None:
+    """Run `session` on torch tensors where they lie (CUDA or CPU), writing into the given `outputs`:
+    no copy through the host and no dtype numpy lacks (bfloat16) in the way.
+
+    Args:
+        session: An ONNX Runtime session (`ort_session`).
+        inputs: Graph inputs by name, contiguous torch tensors.
+        outputs: Graph outputs by name, contiguous torch tensors of the right shape and dtype.
+    """
+    binding = session.io_binding()
+    for bind, tensors in ((binding.bind_input, inputs), (binding.bind_output, outputs)):
+        for name, tensor in tensors.items():
+            device = tensor.device
+            bind(name, device.type, device.index or 0, _ELEMENT_TYPES[str(tensor.dtype).removeprefix("torch.")],
+                 list(tensor.shape), tensor.data_ptr())
+    session.run_with_iobinding(binding)

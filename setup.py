@@ -1,0 +1,37 @@
+"""Builds the native plugin libraries (C++17, g++) with the package: see `moexport/native/`.
+
+They are plain shared libraries, not Python extension modules: ONNX Runtime and TensorRT load them by
+path (`moexport.plugins.ort_library()`). Each is optional, so that the package installs where no C++
+compiler is found; the library's absence is then reported when it is asked for.
+"""
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+NATIVE = ["moexport/native/json.cpp", "moexport/native/expr.cpp", "moexport/native/cuda_driver.cpp",
+          "moexport/native/bundle.cpp", "moexport/native/capi.cpp"]
+
+
+class SharedLibrary(Extension):
+    """A C++ shared library named lib<name>.so in its package folder."""
+
+    def __init__(self, name: str, sources: list[str], include_dirs: list[str]):
+        super().__init__(name, sources=NATIVE + sources, include_dirs=include_dirs, language="c++",
+                         extra_compile_args=["-std=c++17", "-O2", "-g0", "-fvisibility=hidden", "-Wall"],
+                         extra_link_args=["-s"],
+                         libraries=["dl"], optional=True)
+
+
+class BuildSharedLibraries(build_ext):
+    def get_ext_filename(self, fullname: str) -> str:
+        # called with the dotted name, or (in-place builds) with its last part: no Python ABI suffix
+        return fullname.replace(".", "/") + ".so"
+
+    def get_export_symbols(self, ext):  # not a Python module: no PyInit_ entry point
+        return []
+
+
+setup(
+    ext_modules=[SharedLibrary("moexport.plugins.libmoexport_ort", ["moexport/plugins/ort_ops.cpp"],
+                               ["third_party/onnxruntime-1.21/include"])],
+    cmdclass={"build_ext": BuildSharedLibraries},
+)
