@@ -115,18 +115,34 @@ def cmd_export(args):
     console.print(f"wrote {path}", highlight=False)
 
 
-@subcommand(lambda p: (p.add_argument("model", help="ONNX file written by `moexport export`."),
-                       add_output_args(p, help="Output .onnx file. Defaults to <model>.fused.onnx.")))
+def _fuse_args(p):
+    p.add_argument("model", help="ONNX file written by `moexport export`.")
+    add_output_args(p, help="Output .onnx file. Defaults to <model>.fused.onnx.")
+    p.add_argument("--arch", dest="archs", action="append", type=int, default=None, metavar="SM",
+                   help="GPU compute capability to compile the kernels for, e.g. 90 (Hopper); repeat for more. "
+                        "Defaults to 80 and 90: cubins for both, and PTX that newer GPUs compile.")
+    p.add_argument("--no-kernels", dest="archs", action="store_const", const=[],
+                   help="Attach no compiled kernels: runtimes run the function bodies.")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="Token counts the kernels' plans are chosen for (larger ones run the last). Defaults to 65536.")
+
+
+@subcommand(_fuse_args)
 def cmd_fuse(args):
     """Fuse each σ-MoE layer (dispatch or portable form) of an ONNX file into one SigmaMoE node.
 
     Folds constants, fuses the routing and each whole layer, and reports what was fused; a graph with
-    no recognised layer is written unchanged, with the nearest miss of each candidate.
+    no recognised layer keeps its nodes, with the nearest miss of each candidate. Then compiles the
+    kernels of every moexport node for the chosen GPU architectures and stores them in the file (once
+    per layer shape): ONNX Runtime's CUDA provider with the moexport op library and TensorRT with the
+    moexport plugins run them; no Python or Triton is needed where the file is deployed.
     """
     from moexport.exporter import fuse
 
     output = args.output or str(Path(args.model).with_suffix(".fused.onnx"))
-    console.print(str(fuse(args.model, output)), highlight=False)
+    archs = None if args.archs is None else tuple(args.archs)
+    report = fuse(args.model, output, archs=archs, max_tokens=args.max_tokens, show_progress=None)
+    console.print(str(report), highlight=False)
     console.print(f"wrote {output}", highlight=False)
 
 

@@ -36,6 +36,8 @@ from onnx import helper
 
 from moexport.core.errors import MoexportError, first_line
 from moexport.core.onnx_files import load_model, save_model
+from moexport.core.progress import progress
+from moexport.exporter.compiled import KernelsReport, attach_kernels, detach_kernels, triton_available
 from moexport.exporter.forms import (
     EXPANSION_DOMAIN,
     FORM_INPUTS,
@@ -48,6 +50,7 @@ from moexport.models.activations import ACTIVATIONS
 from moexport.models.routing import SELECTIONS
 from moexport.opset import DOMAIN, PLUGIN_ATTRIBUTES, VERSION, attach_functions, check_opset_imports
 from moexport.opset.bodies import route
+from moexport.kernels.bundle import DEFAULT_ARCHS
 from moexport.opset.functions import build_function, default_opset
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,8 @@ class FuseReport:
     folded: int = 0
     fused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
     misses: list[str] = field(default_factory=list)
+    kernels: KernelsReport | None = None  # the compiled kernels attached, if any were asked for
+    notes: list[str] = field(default_factory=list)
     _pending: dict[int, tuple[gs.Node, "_Miss"]] = field(default_factory=dict, repr=False)
 
     def miss(self, node: gs.Node, miss: "_Miss") -> None:
@@ -83,8 +88,11 @@ class FuseReport:
         counts = ", ".join(f"{name}: {count}" for name, count in self.fused.items())
         lines = [f"fused {counts}; folded {self.folded} nodes"]
         if not self.changed:
-            lines.append("no σ-MoE layer recognised: the graph was left unchanged")
+            lines.append("no σ-MoE layer recognised: its nodes were left as they are")
         lines += [f"not fused: {miss}" for miss in self.misses]
+        if self.kernels is not None:
+            lines.append(str(self.kernels))
+        lines += self.notes
         return "\n".join(lines)
 
 
@@ -409,20 +417,31 @@ def _match_layer(graph: gs.Graph, dispatch: gs.Node, form: str, opset: int):
 
 # ---- driver --------------------------------------------------------------------------------------
 
-def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, ...] | None = None) -> FuseReport:
-    """Fuse the σ-MoE layers of an ONNX file into single SigmaMoE nodes (see the module docstring).
+def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, ...] | None = None,
+         archs: tuple[int, ...] | None = None, max_tokens: int | None = None,
+         show_progress: bool | None = None) -> FuseReport:
+    """Fuse the σ-MoE layers of an ONNX file into single SigmaMoE nodes (see the module docstring) and
+    attach the compiled kernels of every moexport node (`moexport.exporter.compiled`).
 
     Args:
         src: Input .onnx file (dispatch or portable form, as `export_onnx` writes them).
         dst: Output .onnx file, written atomically (may equal `src`).
         passes: Passes to run, in their fixed order. Defaults to all of `PASSES`.
+        archs: GPU compute capabilities to compile the kernels for, e.g. (90,); () for none. Defaults
+            to `moexport.kernels.bundle.DEFAULT_ARCHS` where Triton is installed, else none (said in
+            the report).
+        max_tokens: Token counts the kernels' plans are chosen for (dispatched plans serve more).
+            Defaults to `moexport.kernels.bundle.DEFAULT_MAX_TOKENS`.
+        show_progress: Show progress while compiling. Defaults to when stderr is a terminal.
 
     Returns:
-        A FuseReport: nodes folded, sites fused per pass, and the candidates left alone with their
-        nearest miss. A graph where nothing is recognised is written unchanged.
+        A FuseReport: nodes folded, sites fused per pass, the candidates left alone with their
+        nearest miss, and the kernels compiled. A graph where nothing is recognised is written with
+        its kernels attached and otherwise unchanged.
 
     Raises:
-        MoexportError: Unreadable input, unknown pass, unknown moexport op-set version.
+        MoexportError: Unreadable input, unknown pass, unknown moexport op-set version, kernels asked
+            for without Triton, or an architecture they cannot be compiled for.
     """
     passes = PASSES if passes is None else tuple(passes)
     unknown = set(passes) - set(PASSES)
@@ -436,6 +455,11 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise MoexportError(str(src), f"is not a valid ONNX model: {first_line(error)}") from None
     report = FuseReport()
+    if archs is None and not triton_available():
+        archs = ()
+        report.notes.append("no compiled kernels: Triton is not installed here (pip install 'moexport[triton]'); "
+                            "ONNX Runtime and TensorRT run this file on its function bodies")
+    detach_kernels(model)  # they are compiled again for what the graph becomes
     graph, opset = gs.import_onnx(model), default_opset(model)
     before = len(graph.nodes)
     _constants_to_tensors(graph)
@@ -448,12 +472,15 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
             report.fused[name] = steps[name]()
             graph.cleanup()
     report.settle()
-    if not report.changed:
-        save_model(model, dst, check=False)
-        return report
-    graph.fold_constants().cleanup().toposort()
-    fused = gs.export_onnx(graph)
-    fused.ir_version = max(fused.ir_version, model.ir_version)
-    save_model(attach_functions(fused), dst)
+    if report.changed:
+        graph.fold_constants().cleanup().toposort()
+        fused = gs.export_onnx(graph)
+        fused.ir_version = max(fused.ir_version, model.ir_version)
+        model = fused
+    if archs != ():
+        targets = ", ".join(f"sm_{sm}" for sm in (archs or DEFAULT_ARCHS))
+        with progress(f"compiling kernels for {targets}", enabled=show_progress) as advance:
+            report.kernels = attach_kernels(model, archs=archs, max_tokens=max_tokens, advance=advance)
+    save_model(attach_functions(model), dst)
     log.info("%s", report)
     return report

@@ -21,13 +21,22 @@ from moexport.opset.schemas import DOMAIN, OPS, PLUGIN_ATTRIBUTES, VERSION
 
 # Formal inputs, outputs and attribute defaults of each op (the schema, as the bodies need it).
 SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]] = {
-    "TopKDispatch": (("logits",), ("gate", "expert", "sorted_expert", "sorted_slot"),
+    "TopKDispatch": (("logits", "kernels"), ("gate", "expert", "sorted_expert", "sorted_slot"),
                      {"k": 1, "selection": "sigmoid"}),
-    "CVMM": (("x", "sorted_expert", "src_row", "dst_row", "W", "gate"), ("out",), {"reduce": 0, "k": 1}),
-    "SigmaMoE": (("x", "expert_sel", "keys", "values", "bias", "o_bias"), ("y", "expert"),
+    "CVMM": (("x", "sorted_expert", "src_row", "dst_row", "W", "gate", "kernels"), ("out",), {"reduce": 0, "k": 1}),
+    "SigmaMoE": (("x", "expert_sel", "keys", "values", "bias", "o_bias", "kernels"), ("y", "expert"),
                  {"k": 1, "selection": "sigmoid", "activation": "relu"}),
 }
-_OPTIONAL = ("gate", "bias", "o_bias")  # the optional inputs of the op set
+_OPTIONAL = ("gate", "bias", "o_bias")  # the optional inputs of the op set that take part in the computation
+KERNELS = "kernels"  # every op's last input: its compiled kernels, which the function bodies ignore
+
+
+def kernels_input(node: onnx.NodeProto) -> str:
+    """The name of a moexport node's compiled kernels (its `kernels` input), or "" where it has none."""
+    if node.domain != DOMAIN or node.op_type not in SIGNATURES:
+        return ""
+    index = SIGNATURES[node.op_type][0].index(KERNELS)
+    return node.input[index] if index < len(node.input) else ""
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
            onnx.TensorProto.BFLOAT16: "bfloat16"}
 IR_DTYPES = {name: ir.DataType(elem_type) for elem_type, name in _DTYPES.items()}
@@ -143,10 +152,9 @@ def function_body(config: dict[str, Any], opset: int) -> onnx.FunctionProto:
     if op_type == "SigmaMoE":
         settings["opset"] = opset
     trace = {"TopKDispatch": bodies.topk_dispatch, "CVMM": bodies.cvmm, "SigmaMoE": bodies.sigma_moe}[op_type]
+    # every formal input, `kernels` too (so a node may pass it), which the body leaves unread
     present = [name not in _OPTIONAL or name in config["optional"] for name in inputs]
-    while not present[-1]:
-        present.pop()
-    return build_function(lambda op, *values: trace(op, *values, **settings), inputs, present, domain=DOMAIN,
+    return build_function(lambda op, *values: trace(op, *values[:-1], **settings), inputs, present, domain=DOMAIN,
                           name=op_type, overload=config_key(config), opset=opset,
                           attributes={**defaults, **{n: "" for n in PLUGIN_ATTRIBUTES}})
 

@@ -85,14 +85,14 @@ def sigma_moe(x, expert_sel, keys, values, bias=None, o_bias=None, k: int = 1, s
 class TopKDispatch(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, logits, k=None, selection=None, plugin_namespace=None, plugin_version=None):
+    def _run(self, logits, kernels=None, k=None, selection=None, plugin_namespace=None, plugin_version=None):
         return topk_dispatch(logits, k, selection or "sigmoid")
 
 
 class CVMM(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, sorted_expert, src_row, dst_row, W, gate=None, reduce=None, k=None,
+    def _run(self, x, sorted_expert, src_row, dst_row, W, gate=None, kernels=None, reduce=None, k=None,
              plugin_namespace=None, plugin_version=None):
         return (cvmm(x, sorted_expert, src_row, dst_row, W, gate, reduce or 0, k or 1),)
 
@@ -100,8 +100,8 @@ class CVMM(OpRun):
 class SigmaMoE(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, expert_sel, keys, values, bias=None, o_bias=None, k=None, selection=None, activation=None,
-             plugin_namespace=None, plugin_version=None):
+    def _run(self, x, expert_sel, keys, values, bias=None, o_bias=None, kernels=None, k=None, selection=None,
+             activation=None, plugin_namespace=None, plugin_version=None):
         result = sigma_moe(x, expert_sel, keys, values, bias, o_bias, k, selection or "sigmoid",
                            activation or "relu", with_expert=len(self.onnx_node.output) > 1)
         return result if isinstance(result, tuple) else (result,)

@@ -36,6 +36,11 @@ Index tensors are int32. ``T`` is float32, float16 or bfloat16.
     hidden activation rounded once to T, one final rounding). Optional expert [..., k] int64: the
     selected experts, best first (for routing checks).
 
+Every op has a last optional input ``kernels`` (uint8 [bytes]): the compiled kernels of the node's
+configuration (`moexport.kernels.bundle`), which `moexport fuse` attaches as an initializer shared by
+the nodes of one configuration. Runtimes with the moexport kernels (the ONNX Runtime op library, the
+TensorRT plugins) run them; the function bodies ignore it.
+
 Every node may also carry string attributes ``plugin_namespace`` and ``plugin_version``: the TensorRT
 ONNX parser uses them to find the plugin of the same name (and, with ``plugin_namespace`` present,
 prefers a registered plugin over the model-local function; TensorRT >= 10.15).
@@ -72,6 +77,12 @@ def _formal(name: str, type_str: str, optional: bool = False) -> OpSchema.Formal
     """A schema's input or output."""
     option = OpSchema.FormalParameterOption.Optional if optional else OpSchema.FormalParameterOption.Single
     return OpSchema.FormalParameter(name, type_str, param_option=option)
+
+
+# The compiled kernels of the node's configuration (a kernel bundle, `moexport.kernels.bundle`), shared
+# by the nodes of that configuration: read by the ONNX Runtime op library and the TensorRT plugins,
+# ignored by the function bodies.
+_KERNELS = _formal("kernels", "tensor(uint8)", optional=True)
 
 
 def _dims(type_proto: onnx.TypeProto) -> list[onnx.TensorShapeProto.Dimension] | None:
@@ -143,7 +154,7 @@ def _infer_sigma_moe(ctx) -> None:
 def _schemas() -> list[OpSchema]:
     topk = OpSchema(
         "TopKDispatch", DOMAIN, VERSION, "Top-k routing by logit with a stable sort of the slots by expert.",
-        inputs=[_formal("logits", "tensor(float)")],
+        inputs=[_formal("logits", "tensor(float)"), _KERNELS],
         outputs=[_formal("gate", "tensor(float)"), _formal("expert", "tensor(int32)"),
                  _formal("sorted_expert", "tensor(int32)"), _formal("sorted_slot", "tensor(int32)")],
         attributes=[_K, _SELECTION, *_PLUGIN])
@@ -151,7 +162,7 @@ def _schemas() -> list[OpSchema]:
         "CVMM", DOMAIN, VERSION, "Conditional vector-matrix multiplication over expert-sorted rows.",
         inputs=[_formal("x", "T"), _formal("sorted_expert", "tensor(int32)"), _formal("src_row", "tensor(int32)"),
                 _formal("dst_row", "tensor(int32)"), _formal("W", "T"),
-                _formal("gate", "tensor(float)", optional=True)],
+                _formal("gate", "tensor(float)", optional=True), _KERNELS],
         outputs=[_formal("out", "tensor(float)")],
         type_constraints=[("T", _FLOATS, "Operand type.")],
         attributes=[_optional("reduce", 0, "0: write row dst_row; 1: sum into token dst_row // k."),
@@ -159,7 +170,7 @@ def _schemas() -> list[OpSchema]:
     sigma = OpSchema(
         "SigmaMoE", DOMAIN, VERSION, "The σ-MoE feed-forward layer.",
         inputs=[_formal("x", "T"), _formal("expert_sel", "tensor(float)"), _formal("keys", "T"), _formal("values", "T"),
-                _formal("bias", "T", optional=True), _formal("o_bias", "T", optional=True)],
+                _formal("bias", "T", optional=True), _formal("o_bias", "T", optional=True), _KERNELS],
         outputs=[_formal("y", "T"), _formal("expert", "tensor(int64)", optional=True)],
         type_constraints=[("T", _FLOATS, "Model dtype.")],
         attributes=[_K, _SELECTION, _optional("activation", "relu", f"One of {', '.join(ACTIVATIONS)}."),
