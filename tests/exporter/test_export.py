@@ -209,6 +209,6 @@ def test_every_preset_exports_at_reduced_width(tmp_path, name, ffn):
 
 def test_lower_names_an_unknown_form(tmp_path):
     source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch")
-    moexport.fuse(source, tmp_path / "fused.onnx")
+    moexport.fuse(source, tmp_path / "fused.onnx", archs=())
     with pytest.raises(MoexportError, match=r"form='fused' \| is not a form to lower to"):
         lower(onnx.load(tmp_path / "fused.onnx"), "fused")

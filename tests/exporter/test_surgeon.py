@@ -45,7 +45,7 @@ def assert_same_outputs(a, b, feeds, dtype="float32"):
 def test_a_layer_fuses_into_one_node(tmp_path, mode, bias, activation, selection, routing):
     source = moexport.export_onnx(layer(bias, activation, selection), tmp_path / "src.onnx", mode=mode,
                                   routing_outputs=routing)
-    report = moexport.fuse(source, tmp_path / "fused.onnx")
+    report = moexport.fuse(source, tmp_path / "fused.onnx", archs=())
     expected = {"routing": int(mode == "portable"), "sigma_moe": int(mode == "dispatch"),
                 "sigma_moe_portable": int(mode == "portable")}
     assert report.fused == expected and not report.misses
@@ -62,7 +62,7 @@ def test_a_layer_fuses_into_one_node(tmp_path, mode, bias, activation, selection
 @pytest.mark.parametrize("mode", MODES)
 def test_float16_layer_fuses(tmp_path, mode):
     source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode=mode, dtype="float16")
-    report = moexport.fuse(source, tmp_path / "fused.onnx")
+    report = moexport.fuse(source, tmp_path / "fused.onnx", archs=())
     assert report.changed and not report.misses
     assert [n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node] == ["SigmaMoE"]
     assert_same_outputs(source, tmp_path / "fused.onnx", {"x": np.random.randn(2, 5, 16).astype(np.float16)}, "float16")
@@ -73,7 +73,7 @@ def test_float16_layer_fuses(tmp_path, mode):
 def test_every_layer_of_an_lm_fuses(tmp_path, mode):
     model = from_preset("tiny").eval()
     source = moexport.export_onnx(model, tmp_path / "src.onnx", mode=mode, memory=True, routing_outputs=True)
-    report = moexport.fuse(source, tmp_path / "fused.onnx")
+    report = moexport.fuse(source, tmp_path / "fused.onnx", archs=())
     assert report.fused["sigma_moe" if mode == "dispatch" else "sigma_moe_portable"] == 2 and not report.misses
     nodes = [(n.domain, n.op_type) for n in onnx.load(tmp_path / "fused.onnx").graph.node]
     assert [t for d, t in nodes if d == DOMAIN] == ["SigmaMoE", "SigmaMoE"]
@@ -86,16 +86,16 @@ def test_every_layer_of_an_lm_fuses(tmp_path, mode):
 def test_a_static_shape_export_fuses(tmp_path, mode):
     source = moexport.export_onnx(layer(), tmp_path / "src.onnx", mode=mode, dynamic=False)
     assert [d.dim_value for d in onnx.load(source).graph.input[0].type.tensor_type.shape.dim] == [2, 8, 16]
-    report = moexport.fuse(source, tmp_path / "fused.onnx")
+    report = moexport.fuse(source, tmp_path / "fused.onnx", archs=())
     assert report.changed and not report.misses
     assert_same_outputs(source, tmp_path / "fused.onnx", {"x": np.random.randn(2, 8, 16).astype(np.float32)})
 
 
 def test_fusing_twice_changes_nothing_more(tmp_path):
     source = moexport.export_onnx(layer(), tmp_path / "src.onnx")
-    moexport.fuse(source, tmp_path / "once.onnx")
-    report = moexport.fuse(tmp_path / "once.onnx", tmp_path / "twice.onnx")
-    assert not report.changed and "left unchanged" in str(report)
+    moexport.fuse(source, tmp_path / "once.onnx", archs=())
+    report = moexport.fuse(tmp_path / "once.onnx", tmp_path / "twice.onnx", archs=())
+    assert not report.changed and "left as they are" in str(report)
 
 
 def test_an_unrelated_graph_is_left_unchanged(tmp_path):
@@ -104,7 +104,7 @@ def test_an_unrelated_graph_is_left_unchanged(tmp_path):
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [weight])
     onnx.save(helper.make_model(graph), tmp_path / "plain.onnx")
-    report = moexport.fuse(tmp_path / "plain.onnx", tmp_path / "out.onnx")
+    report = moexport.fuse(tmp_path / "plain.onnx", tmp_path / "out.onnx", archs=())
     assert not report.changed
     assert onnx.load(tmp_path / "out.onnx").graph == onnx.load(tmp_path / "plain.onnx").graph
 
@@ -114,7 +114,7 @@ def fuse_edited(tmp_path, edit):
     model = onnx.load(moexport.export_onnx(layer(), tmp_path / "src.onnx", mode="dispatch"))
     edit(model)
     onnx.save(model, tmp_path / "edited.onnx")
-    return moexport.fuse(tmp_path / "edited.onnx", tmp_path / "out.onnx")
+    return moexport.fuse(tmp_path / "edited.onnx", tmp_path / "out.onnx", archs=())
 
 
 def test_a_layer_whose_intermediate_is_used_elsewhere_is_not_fused(tmp_path):
@@ -155,10 +155,10 @@ def test_unknown_op_set_version_is_rejected(tmp_path):
     next(o for o in model.opset_import if o.domain == DOMAIN).version = 7
     onnx.save(model, tmp_path / "v7.onnx")
     with pytest.raises(MoexportError, match="moexport op-set version 7"):
-        moexport.fuse(tmp_path / "v7.onnx", tmp_path / "out.onnx")
+        moexport.fuse(tmp_path / "v7.onnx", tmp_path / "out.onnx", archs=())
     assert not (tmp_path / "out.onnx").exists()
 
 
 def test_unknown_pass_is_named(tmp_path):
     with pytest.raises(MoexportError, match="are not fusion passes"):
-        moexport.fuse(tmp_path / "a.onnx", tmp_path / "b.onnx", passes=("experts",))
+        moexport.fuse(tmp_path / "a.onnx", tmp_path / "b.onnx", passes=("experts",), archs=())

@@ -1,0 +1,244 @@
+"""The compiled op library on ONNX Runtime's CUDA execution provider (H200): every op and dtype against
+the PyTorch reference and the op set's NumPy reference, routing included; bad inputs; CUDA graphs.
+
+Needs a CUDA GPU and onnxruntime-gpu (on the H200: `tools/h200.sh` unpacks it, see the README).
+"""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from moexport.core import tolerance_for
+from moexport.exporter import export_onnx, fuse
+from moexport.exporter.compiled import attach_kernels
+from moexport.models import SigmaMoE, route
+from moexport.opset import DOMAIN, VERSION, attach_functions, cvmm, topk_dispatch
+from moexport.plugins import compiled_calls, ort_session, run_with_tensors
+
+pytestmark = pytest.mark.gpu
+
+TOKENS = (1, 16, 256, 4096, 32768)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+D, E, G, K = 256, 16, 64, 4
+ARCHS = (90,)
+CUDA = ["CUDAExecutionProvider"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_ort_cuda():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA execution provider here (install onnxruntime-gpu)")
+
+
+def make_layer(dtype, bias, seed=0):
+    torch.manual_seed(seed)
+    layer = SigmaMoE(D, E, G, K, bias=bias).eval()
+    if bias:
+        with torch.no_grad():
+            layer.bias.normal_()
+            layer.o_bias.normal_()
+    return layer.to("cuda", dtype)
+
+
+@pytest.fixture(scope="module")
+def fused_layers(tmp_path_factory):
+    """(layer, fused file with kernels) per (dtype, bias), built once."""
+    folder, built = tmp_path_factory.mktemp("fused"), {}
+
+    def get(dtype, bias, archs=ARCHS):
+        key = (dtype, bias, archs)
+        if key not in built:
+            layer = make_layer(dtype, bias)
+            name = f"{str(dtype)[6:]}_{bias}_{'_'.join(map(str, archs))}"
+            source = export_onnx(layer, folder / f"{name}.onnx", dtype=str(dtype)[6:], routing_outputs=True)
+            report = fuse(source, folder / f"{name}.fused.onnx", archs=archs, max_tokens=max(TOKENS))
+            assert report.kernels.bundles and not report.kernels.skipped, str(report)
+            built[key] = layer, folder / f"{name}.fused.onnx"
+        return built[key]
+
+    return get
+
+
+def run_layer(path, layer, x):
+    session = ort_session(path, providers=CUDA)
+    assert session.moexport_kernels
+    y = torch.empty(*x.shape[:-1], layer.v_dim, dtype=x.dtype, device="cuda")
+    experts = torch.empty(*x.shape[:-1], layer.k, dtype=torch.int64, device="cuda")
+    run_with_tensors(session, {"x": x}, {"y": y, "experts": experts})
+    torch.cuda.synchronize()
+    return y, experts
+
+
+def assert_routing_agrees(layer, x, experts):
+    """Identical top-k sets for every token, except where the reference's k-th and (k+1)-th logits are
+    within float32 rounding of each other (the kernels sum the router product in another order)."""
+    with torch.no_grad():
+        logits = layer.router_logits(x.reshape(-1, D))
+    _, want = route(logits, K)
+    top = torch.topk(logits, K + 1, dim=-1).values
+    near = (top[:, K - 1] - top[:, K]) <= 1e-5 * top[:, K - 1].abs().clamp(min=1)
+    same = (torch.sort(want, -1).values == torch.sort(experts.reshape(-1, K), -1).values).all(-1)
+    assert bool((same | near).all()), f"{int((~same & ~near).sum())} tokens routed differently"
+    return same
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
+@pytest.mark.parametrize("n_tokens", TOKENS)
+def test_sigma_moe_runs_the_compiled_kernels_like_pytorch(fused_layers, dtype, bias, n_tokens):
+    layer, path = fused_layers(dtype, bias)
+    x = torch.randn(1, n_tokens, D, device="cuda").to(dtype)
+    before = compiled_calls()
+    y, experts = run_layer(path, layer, x)
+    assert compiled_calls() > before  # it ran on the library, not on the function body
+    same = assert_routing_agrees(layer, x, experts)
+    with torch.no_grad():
+        want = layer.reference_forward(x)
+    tol = tolerance_for(dtype)
+    rows = same.reshape(x.shape[:-1])
+    torch.testing.assert_close(y[rows].float(), want[rows].float(), rtol=tol.rtol, atol=tol.atol)
+
+
+def test_kernels_for_an_older_gpu_run_here_from_their_ptx(fused_layers):
+    """sm_80 kernels (no PDL instructions) reach the H200 as PTX, which the driver compiles."""
+    layer, path = fused_layers(torch.float16, True, archs=(80,))
+    x = torch.randn(300, D, device="cuda", dtype=torch.float16)
+    y, experts = run_layer(path, layer, x)
+    same = assert_routing_agrees(layer, x, experts)
+    tol = tolerance_for(torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(y[same].float(), layer.reference_forward(x)[same].float(), rtol=tol.rtol,
+                                   atol=tol.atol)
+
+
+def single_node(op_type, inputs, attributes, outputs, weights):
+    """A model with one moexport node, its weights initializers, its kernels attached."""
+    nodes_in = list(inputs)
+    graph_inputs = [helper.make_tensor_value_info(n, elem, shape) for n, (elem, shape) in inputs.items()
+                    if n not in weights]
+    graph = helper.make_graph(
+        [helper.make_node(op_type, nodes_in, [o for o, _ in outputs], domain=DOMAIN, **attributes)], "g",
+        graph_inputs, [helper.make_tensor_value_info(o, elem, None) for o, elem in outputs],
+        [numpy_helper.from_array(v, n) for n, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)])
+    report = attach_kernels(model, archs=ARCHS, max_tokens=max(TOKENS))
+    assert report.bundles and not report.skipped, str(report)
+    return attach_functions(model)
+
+
+@pytest.mark.parametrize("n_tokens", TOKENS)
+@pytest.mark.parametrize("selection", ["sigmoid", "softmax", "softmax_after_topk"])
+def test_topk_dispatch_matches_the_op_set_reference(n_tokens, selection):
+    model = single_node("TopKDispatch", {"logits": (onnx.TensorProto.FLOAT, ["N", E])}, {"k": K, "selection": selection},
+                        [("gate", onnx.TensorProto.FLOAT), ("expert", onnx.TensorProto.INT32),
+                         ("sorted_expert", onnx.TensorProto.INT32), ("sorted_slot", onnx.TensorProto.INT32)], {})
+    logits = torch.randint(-3, 4, (n_tokens, E), device="cuda").float()  # ties everywhere
+    session = ort_session(model, providers=CUDA)
+    out = {"gate": torch.empty(n_tokens, K, device="cuda"),
+           **{n: torch.empty(*s, dtype=torch.int32, device="cuda")
+              for n, s in (("expert", (n_tokens, K)), ("sorted_expert", (n_tokens * K,)),
+                           ("sorted_slot", (n_tokens * K,)))}}
+    run_with_tensors(session, {"logits": logits}, out)
+    torch.cuda.synchronize()
+    want = topk_dispatch(logits.cpu().numpy(), K, selection)
+    np.testing.assert_allclose(out["gate"].cpu().numpy(), want[0], rtol=1e-6, atol=1e-7)
+    for got, expected in zip(list(out.values())[1:], want[1:]):
+        np.testing.assert_array_equal(got.cpu().numpy(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduce", [0, 1])
+@pytest.mark.parametrize("n_tokens", TOKENS)
+def test_cvmm_matches_the_op_set_reference(dtype, reduce, n_tokens):
+    rng = np.random.default_rng(n_tokens)
+    d_in, d_out = (D, G) if not reduce else (G, D)
+    weight = (rng.standard_normal((E, d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
+    logits = rng.standard_normal((n_tokens, E)).astype(np.float32)
+    gate, _, sorted_expert, sorted_slot = topk_dispatch(logits, K)
+    x_rows = n_tokens if not reduce else n_tokens * K
+    x = rng.standard_normal((x_rows, d_in)).astype(np.float32)
+    src = sorted_slot // K if not reduce else sorted_slot
+    slot_gate = gate.reshape(-1)[sorted_slot] if reduce else None
+    elem = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+            torch.bfloat16: onnx.TensorProto.BFLOAT16}[dtype]
+    w_typed = torch.from_numpy(weight).to(dtype)
+    inputs = {"x": (elem, ["R", d_in]), "sorted_expert": (onnx.TensorProto.INT32, ["S"]),
+              "src_row": (onnx.TensorProto.INT32, ["S"]), "dst_row": (onnx.TensorProto.INT32, ["S"]),
+              "W": (elem, list(weight.shape))}
+    if reduce:
+        inputs["gate"] = (onnx.TensorProto.FLOAT, ["S"])
+    model = single_node("CVMM", inputs, {"reduce": reduce, "k": K}, [("out", onnx.TensorProto.FLOAT)], {})
+    feeds = {"x": torch.from_numpy(x).to("cuda", dtype), "sorted_expert": torch.from_numpy(sorted_expert).cuda(),
+             "src_row": torch.from_numpy(src.astype(np.int32)).cuda(), "dst_row": torch.from_numpy(sorted_slot).cuda(),
+             "W": w_typed.cuda()}
+    if reduce:
+        feeds["gate"] = torch.from_numpy(slot_gate).cuda()
+    rows = n_tokens if reduce else n_tokens * K
+    out = torch.empty(rows, d_out, device="cuda")
+    run_with_tensors(ort_session(model, providers=CUDA), feeds, {"out": out})
+    torch.cuda.synchronize()
+    want = cvmm(feeds["x"].float().cpu().numpy(), sorted_expert, src.astype(np.int32), sorted_slot,
+                w_typed.float().numpy(), slot_gate, reduce, K)
+    tol = tolerance_for(dtype)
+    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max())
+
+
+def test_zero_tokens_give_empty_outputs(fused_layers):
+    layer, path = fused_layers(torch.float16, False)
+    y, experts = run_layer(path, layer, torch.empty(0, D, device="cuda", dtype=torch.float16))
+    assert y.shape == (0, D) and experts.shape == (0, K)
+
+
+def test_bad_inputs_are_errors_that_name_the_node(fused_layers, tmp_path):
+    layer, path = fused_layers(torch.float16, False)
+    model = onnx.load(path)
+    node = next(n for n in model.graph.node if n.op_type == "SigmaMoE")
+    # x of the wrong width: the graph's own shape check is the runtime's; leave x unshaped to reach ours
+    x_info = model.graph.input[0]
+    x_info.type.tensor_type.ClearField("shape")
+    onnx.save(model, tmp_path / "unshaped.onnx")
+    session = ort_session(tmp_path / "unshaped.onnx", providers=CUDA)
+    with pytest.raises(Exception, match=rf"{node.name}.*'x' has shape \[5, 255\]"):
+        session.run(None, {"x": np.zeros((5, 255), np.float16)})
+    # a node whose attributes differ from those its kernels were compiled for
+    for attribute in node.attribute:
+        if attribute.name == "k":
+            attribute.i = K + 1
+    onnx.save(model, tmp_path / "k.onnx")
+    with pytest.raises(Exception, match=r"k=5 but its kernels were compiled for k=4"):
+        ort_session(tmp_path / "k.onnx", providers=CUDA)
+
+
+def test_a_file_without_kernels_for_this_gpu_says_how_to_fuse_again(tmp_path):
+    layer = make_layer(torch.float16, False)
+    source = export_onnx(layer, tmp_path / "l.onnx", dtype="float16")
+    try:
+        fuse(source, tmp_path / "l.fused.onnx", archs=(100,), max_tokens=16)
+    except Exception as error:  # noqa: BLE001 - a Triton without Blackwell support
+        pytest.skip(f"this Triton cannot compile for sm_100: {error}")
+    session = ort_session(tmp_path / "l.fused.onnx", providers=CUDA)
+    with pytest.raises(Exception, match=r"sm_90\) has no kernels in the file: it carries sm_100.*--arch 90"):
+        session.run(None, {"x": np.zeros((1, 3, D), np.float16)})
+
+
+def test_cuda_graphs_replay_the_compiled_kernels(fused_layers):
+    """ONNX Runtime's CUDA graphs (enable_cuda_graph): captured on the first run, replayed after;
+    inputs are updated in place, as the graphs require."""
+    layer, path = fused_layers(torch.bfloat16, True)
+    session = ort_session(path, providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
+    x = torch.randn(1, 64, D, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, 64, D, device="cuda", dtype=torch.bfloat16)
+    experts = torch.empty(1, 64, K, device="cuda", dtype=torch.int64)
+    tol = tolerance_for(torch.bfloat16)
+    for step in range(3):
+        x.copy_(torch.randn_like(x))
+        run_with_tensors(session, {"x": x}, {"y": y, "experts": experts})
+        torch.cuda.synchronize()
+        same = assert_routing_agrees(layer, x, experts)
+        with torch.no_grad():
+            want = layer.reference_forward(x)
+        torch.testing.assert_close(y[0][same].float(), want[0][same].float(), rtol=tol.rtol, atol=tol.atol,
+                                   msg=f"run {step}")
