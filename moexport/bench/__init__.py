@@ -8,6 +8,7 @@ from moexport.bench.report import write_results
 SUITES = {
     "kernels": "moexport.bench.kernels",
     "onnx-cpu": "moexport.bench.onnx_cpu",
+    "onnx-gpu": "moexport.bench.onnx_gpu",
 }
 
 __all__ = ["SUITES", "write_results"]

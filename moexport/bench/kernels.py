@@ -75,7 +75,8 @@ FLUSH_BYTES = 512 << 20
 _flush_state: dict = {"mode": "read"}
 
 
-def _flush() -> None:
+def flush_l2() -> None:
+    """Evict L2 (as FLUSHES says), so that the next call reads its weights from device memory."""
     state = _flush_state
     if "buffer" not in state:
         state["buffer"] = torch.zeros(FLUSH_BYTES // 8, dtype=torch.int64, device=DEVICE)
@@ -102,7 +103,7 @@ def _flushed_calls(fn, n: int) -> list[float]:
     """GPU ms of n calls of fn, each after an L2 flush."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
     for start, end in events:
-        _flush()
+        flush_l2()
         start.record()
         fn()
         end.record()

@@ -33,7 +33,9 @@ import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
+from pathlib import Path
 from typing import Any
 
 from moexport.core.errors import MoexportError
@@ -115,7 +117,7 @@ def cvmm_kernels(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: b
 
 
 def build_bundle(kernels: OpKernels, *, archs: tuple[int, ...] = DEFAULT_ARCHS,
-                 ptx_version: int = PTX_VERSION) -> bytes:
+                 ptx_version: int = PTX_VERSION, jobs: int | None = None) -> bytes:
     """Compile every kernel of `kernels`' plans for `archs` and pack them into one bundle.
 
     Args:
@@ -123,12 +125,13 @@ def build_bundle(kernels: OpKernels, *, archs: tuple[int, ...] = DEFAULT_ARCHS,
         archs: Compute capabilities, e.g. (90,). Each gets cubins; those below 90 also PTX, which the
             driver compiles for newer GPUs.
         ptx_version: PTX ISA version of the PTX (major*10+minor), low enough for the drivers deployed.
+        jobs: Compiler processes (Triton's compiler is single-threaded). Defaults to the CPU count.
 
     Raises:
         MoexportError: an architecture Triton cannot compile these kernels for.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return _build_in_child(kernels, archs=archs, ptx_version=ptx_version)
+        return _build_in_child(kernels, archs=archs, ptx_version=ptx_version, jobs=jobs)
     import triton
 
     archs = tuple(sorted(set(archs)))
@@ -149,15 +152,15 @@ def build_bundle(kernels: OpKernels, *, archs: tuple[int, ...] = DEFAULT_ARCHS,
                                "steps": steps})
     blobs = bytearray()
     manifest_kernels = []
+    tasks = [(plan, step, sm, ptx_version) for plan, step in sources for sm in archs]
+    results = iter(_compile_all(tasks, jobs))
     for plan, step in sources:
         images, entry = [], None
         for sm in archs:
-            try:
-                compiled = compile_step(plan, step, sm=sm, ptx_version=ptx_version)
-            except Exception as error:  # noqa: BLE001 - Triton's compiler errors are long internal dumps
-                raise MoexportError(f"--arch {sm}", f"cannot be compiled for ({step.kernel}: "
-                                    f"{str(error).strip().splitlines()[-1][:200]})",
-                                    "the kernels need sm_90 (Hopper) or newer") from None
+            compiled = next(results)
+            if isinstance(compiled, str):
+                raise MoexportError(f"--arch {sm}", f"cannot be compiled for ({step.kernel}: {compiled})",
+                                    "Triton compiles these kernels for sm_80 and newer")
             entry = compiled.entry
             targets = [("cubin", compiled.cubin)] + ([("ptx", compiled.ptx.encode())] if sm < 90 else [])
             for target, raw in targets:
@@ -176,6 +179,45 @@ def build_bundle(kernels: OpKernels, *, archs: tuple[int, ...] = DEFAULT_ARCHS,
     manifest["key"] = hashlib.sha256(body + bytes(blobs)).hexdigest()[:16]
     text = json.dumps(manifest, sort_keys=True).encode()
     return MAGIC + struct.pack("<Q", len(text)) + text + bytes(blobs)
+
+
+def _compile_task(task: tuple):
+    """One (plan, step, sm, ptx_version): its CompiledStep, or the compiler's last line (exceptions from
+    the compiler do not always cross a process boundary)."""
+    plan, step, sm, ptx_version = task
+    try:
+        return compile_step(plan, step, sm=sm, ptx_version=ptx_version)
+    except Exception as error:  # noqa: BLE001 - Triton's compiler errors are long internal dumps
+        lines = str(error).strip().splitlines()
+        return (lines[-1] if lines else type(error).__name__)[:200]
+
+
+def _compile_all(tasks: list[tuple], jobs: int | None) -> list:
+    """`_compile_task` of every task, in order; in several compiler processes where there are enough tasks.
+
+    The processes are fresh interpreters given their share of the tasks in a file (not a
+    multiprocessing pool, which would import the caller's __main__ again in each)."""
+    jobs = min(jobs or os.cpu_count() or 1, len(tasks))
+    if jobs < 2 or len(tasks) < 4:
+        return [_compile_task(task) for task in tasks]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import pickle, sys; from moexport.kernels.bundle import _compile_task; tasks = pickle.load(open("
+            "sys.argv[1], 'rb')); sys.stdout.buffer.write(pickle.dumps([_compile_task(t) for t in tasks]))")
+    results: list = [None] * len(tasks)
+    with tempfile.TemporaryDirectory(prefix="moexport-compile-") as folder:
+        workers = []
+        for i in range(jobs):
+            share = Path(folder) / f"tasks{i}.pickle"
+            share.write_bytes(pickle.dumps(tasks[i::jobs]))
+            workers.append(subprocess.Popen([sys.executable, "-c", code, str(share)], stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, env=env))
+        for i, worker in enumerate(workers):
+            out, err = worker.communicate()
+            if worker.returncode:
+                lines = err.decode(errors="replace").strip().splitlines()
+                raise MoexportError("compiling kernels", "failed in a compiler process", lines[-1] if lines else None)
+            results[i::jobs] = pickle.loads(out)
+    return results
 
 
 def read_bundle(data: bytes) -> dict:

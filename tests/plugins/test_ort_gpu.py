@@ -105,13 +105,14 @@ def test_sigma_moe_runs_the_compiled_kernels_like_pytorch(fused_layers, dtype, b
 def test_kernels_for_an_older_gpu_run_here_from_their_ptx(fused_layers):
     """sm_80 kernels (no PDL instructions) reach the H200 as PTX, which the driver compiles."""
     layer, path = fused_layers(torch.float16, True, archs=(80,))
-    x = torch.randn(300, D, device="cuda", dtype=torch.float16)
+    x = torch.randn(1, 300, D, device="cuda", dtype=torch.float16)
     y, experts = run_layer(path, layer, x)
     same = assert_routing_agrees(layer, x, experts)
     tol = tolerance_for(torch.float16)
     with torch.no_grad():
-        torch.testing.assert_close(y[same].float(), layer.reference_forward(x)[same].float(), rtol=tol.rtol,
-                                   atol=tol.atol)
+        want = layer.reference_forward(x)
+    rows = same.reshape(x.shape[:-1])
+    torch.testing.assert_close(y[rows].float(), want[rows].float(), rtol=tol.rtol, atol=tol.atol)
 
 
 def single_node(op_type, inputs, attributes, outputs, weights):
@@ -123,7 +124,8 @@ def single_node(op_type, inputs, attributes, outputs, weights):
         [helper.make_node(op_type, nodes_in, [o for o, _ in outputs], domain=DOMAIN, **attributes)], "g",
         graph_inputs, [helper.make_tensor_value_info(o, elem, None) for o, elem in outputs],
         [numpy_helper.from_array(v, n) for n, v in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)],
+                              ir_version=10)  # what the exporter writes, and ONNX Runtime 1.2x reads
     report = attach_kernels(model, archs=ARCHS, max_tokens=max(TOKENS))
     assert report.bundles and not report.skipped, str(report)
     return attach_functions(model)
@@ -188,8 +190,9 @@ def test_cvmm_matches_the_op_set_reference(dtype, reduce, n_tokens):
 
 def test_zero_tokens_give_empty_outputs(fused_layers):
     layer, path = fused_layers(torch.float16, False)
-    y, experts = run_layer(path, layer, torch.empty(0, D, device="cuda", dtype=torch.float16))
-    assert y.shape == (0, D) and experts.shape == (0, K)
+    session = ort_session(path, providers=CUDA)  # empty tensors have no device memory to bind: run from numpy
+    y, experts = session.run(None, {"x": np.zeros((1, 0, D), np.float16)})
+    assert y.shape == (1, 0, D) and experts.shape == (1, 0, K)
 
 
 def test_bad_inputs_are_errors_that_name_the_node(fused_layers, tmp_path):
