@@ -230,7 +230,19 @@ def main(argv: list[str] | None = None) -> int:
         raise MoexportError("moexport bench onnx-gpu", "needs a CUDA GPU and onnxruntime-gpu",
                             "run it on the H200 (see the README)")
     tokens = args.tokens or TOKENS
+    import onnxruntime
+
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+           "kernels": f"compiled for sm_{', sm_'.join(map(str, ARCHS))} at fuse time"}
+    name = f"onnx_gpu_{torch.cuda.get_device_name().split()[1].lower()}"
+    out = Path(args.out or "bench/results")
     rows, lm_rows = [], []
+
+    def save():  # after every cell: a call cut short by its time limit keeps what it measured
+        write_results(name, rows + lm_rows, columns=LAYER_COLUMNS, out_dir=out, environment=env,
+                      title="σ-MoE on ONNX Runtime's CUDA provider: compiled kernels vs every alternative",
+                      notes=NOTES + "\n\n## Whole LMs\n\n" + _lm_table(lm_rows), plot=_plot)
+
     with tempfile.TemporaryDirectory(prefix="moexport-onnx-gpu-") as tmp:
         cells = [(s, dt) for s in LAYER_SHAPES for dt in DTYPES]
         with progress("onnx-gpu: layers", len(cells) * len(tokens)) as advance:
@@ -242,19 +254,12 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(measure_layer(shape, dtype, built, T, args.reps))
                     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
                     advance(description=f"{shape} {dtype} T={T}")
+                save()
         if not args.no_lm:
             for preset in LM_PRESETS:
                 lm_rows += measure_lm(preset, Path(tmp), args.reps)
                 print(lm_rows[-3:], flush=True)
-    import onnxruntime
-
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-           "kernels": f"compiled for sm_{', sm_'.join(map(str, ARCHS))} at fuse time"}
-    gpu = torch.cuda.get_device_name().split()[1].lower()
-    out = Path(args.out or "bench/results")
-    write_results(f"onnx_gpu_{gpu}", rows + lm_rows, columns=LAYER_COLUMNS, out_dir=out, environment=env,
-                  title="σ-MoE on ONNX Runtime's CUDA provider: compiled kernels vs every alternative",
-                  notes=NOTES + "\n\n## Whole LMs\n\n" + _lm_table(lm_rows), plot=_plot)
+                save()
     return 0
 
 
