@@ -7,10 +7,11 @@ from typing import Any
 import torch.nn as nn
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from moexport.checkpoints.loading import read_checkpoint
-from moexport.core.errors import MoexportError
-from moexport.models.base import ConfigModule
+from moexport.core.errors import MoexportError, some_names
+from moexport.models.base import ConfigModule, nonfinite_tensors
 
 _SUMMARIES = {
     "sigma_moe": lambda c: f"{c['n_experts']} experts × {c['expert_size']}, k={c['k']}, {c['selection']}",
@@ -30,8 +31,8 @@ def describe(model_or_path: nn.Module | str | os.PathLike, **layer_options: Any)
     Returns:
         {"source", "format", "kind", "config", "parameters", "dtype", "layers": [{"layer", "ffn",
         "summary", "parameters", "active", "dense"}], "ffn_flops_per_token": {"active", "dense",
-        "active_fraction"}}; FLOPs are 2 × multiply-accumulates per token, "dense" those of the
-        parameter-equal dense FFN.
+        "active_fraction"}, "nonfinite": [names of tensors holding NaN or Inf]}; FLOPs are 2 ×
+        multiply-accumulates per token, "dense" those of the parameter-equal dense FFN.
     """
     if isinstance(model_or_path, nn.Module):
         model, source, fmt = model_or_path, None, None
@@ -46,7 +47,8 @@ def describe(model_or_path: nn.Module | str | os.PathLike, **layer_options: Any)
     first = next(model.parameters())
     return {"source": source, "format": fmt, "kind": model.kind, "config": model.config(),
             "parameters": _count(model), "dtype": str(first.dtype).removeprefix("torch."), "layers": layers,
-            "ffn_flops_per_token": {"active": active, "dense": dense, "active_fraction": active / dense}}
+            "ffn_flops_per_token": {"active": active, "dense": dense, "active_fraction": active / dense},
+            "nonfinite": nonfinite_tensors(model)}
 
 
 def describe_table(info: dict[str, Any]) -> Group:
@@ -64,6 +66,8 @@ def describe_table(info: dict[str, Any]) -> Group:
     flops = info["ffn_flops_per_token"]
     summary.add_row("FF FLOPs/token", f"{_mega(flops['active'])} active vs {_mega(flops['dense'])} dense "
                                       f"({100 * flops['active_fraction']:.1f}%)")
+    if info["nonfinite"]:  # export and validate refuse such a checkpoint
+        summary.add_row(Text("NaN / Inf in", style="red"), some_names(info["nonfinite"]))
     layers = Table(title="feed-forward layers (FLOPs per token)", title_justify="left")
     for column in ("layer", "FFN", "configuration", "parameters", "active", "dense", "active %"):
         layers.add_column(column, justify="left" if column in ("FFN", "configuration") else "right")

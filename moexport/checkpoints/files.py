@@ -99,6 +99,9 @@ def read_file(path: Path) -> Any:
     """The content of a checkpoint file: a torch.save object or a safetensors tensor dict."""
     if not path.exists():
         raise MoexportError(path, "does not exist")
-    if zipfile.is_zipfile(path) or not looks_like_safetensors(path):
-        return read_torch_file(path)
-    return read_safetensors_file(path)
+    if path.stat().st_size == 0:
+        raise MoexportError(path, "is empty", "expected a checkpoint file (torch.save or .safetensors)")
+    # By name too: torch.load hands a *.safetensors file to safetensors itself, outside our error handling.
+    if path.suffix == ".safetensors" or (not zipfile.is_zipfile(path) and looks_like_safetensors(path)):
+        return read_safetensors_file(path)
+    return read_torch_file(path)

@@ -32,7 +32,7 @@ def load_sigma_moe_state(state: Mapping[str, Any], path: Path, *, k: int | None,
                             "is a router bias, which moexport's σ-MoE does not have")
     if k is None:
         raise MoexportError(path, "is a σ-MoE layer state dict, which does not record k (experts per token)",
-                            "pass k=… to load_checkpoint (or --k to moexport inspect)")
+                            "pass k=… to load_checkpoint (--k on the command line: inspect, export, validate)")
     keys, values = state["keys"], state["values"]
     for name, tensor in (("keys", keys), ("values", values)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:

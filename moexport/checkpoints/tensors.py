@@ -1,13 +1,12 @@
 """Filling a module built from a config with the tensors of a file, checking every one of them."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from moexport.core.errors import MoexportError
+from moexport.core.errors import MoexportError, some_names
 from moexport.models.base import ConfigModule, build
 
 
@@ -32,19 +31,17 @@ def fill(model: ConfigModule, state: Mapping[str, Any], path: Path) -> ConfigMod
     Raises:
         MoexportError: A tensor is missing, unexpected, not a floating-point tensor, or its shape
             disagrees with the config (the message names the file and the tensor).
-
-    Warns:
-        UserWarning: Tensors with NaN or Inf values, named.
     """
     expected = model.state_dict()
     missing = [name for name in expected if name not in state]
     if missing:
         raise MoexportError(f"{path}, tensor '{missing[0]}'", "is missing",
-                            f"the model needs {len(expected)} tensors; missing: {_some(missing)}")
+                            f"the model needs {len(expected)} tensors; missing: {some_names(missing)}")
     unexpected = [name for name in state if name not in expected]
     if unexpected:
         raise MoexportError(f"{path}, tensor '{unexpected[0]}'", "is not a tensor of the model",
-                            f"unexpected: {_some(unexpected)}; expected names such as {_some(list(expected))}")
+                            f"unexpected: {some_names(unexpected)}; "
+                            f"expected names such as {some_names(list(expected))}")
     for name, want in expected.items():
         got = state[name]
         if not isinstance(got, torch.Tensor) or not got.is_floating_point():
@@ -54,18 +51,6 @@ def fill(model: ConfigModule, state: Mapping[str, Any], path: Path) -> ConfigMod
             raise MoexportError(f"{path}, tensor '{name}'",
                                 f"has shape {tuple(got.shape)}, expected {tuple(want.shape)}",
                                 "the configuration and the weights of the checkpoint disagree")
-    nonfinite = [name for name in expected if _has_nonfinite(state[name])]
-    if nonfinite:
-        warnings.warn(f"{path}: NaN or Inf values in tensors {_some(nonfinite)}", UserWarning, stacklevel=3)
     model.load_state_dict({name: state[name] for name in expected}, assign=True)
     return model.eval()
 
-
-def _has_nonfinite(tensor: torch.Tensor) -> bool:
-    # A finite sum proves every value finite in one cheap pass; only a NaN/Inf sum needs the exact scan.
-    return not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all()
-
-
-def _some(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(f"'{name}'" for name in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

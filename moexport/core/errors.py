@@ -28,3 +28,9 @@ class InternalError(Exception):
 def first_line(error: Exception) -> str:
     """The first non-blank line of an error's message (its type name when there is none)."""
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def some_names(names: list[str], limit: int = 5) -> str:
+    """The first `limit` names, quoted, and how many more there are: for messages about many tensors."""
+    shown = ", ".join(f"'{name}'" for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

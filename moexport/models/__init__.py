@@ -1,7 +1,7 @@
 """The PyTorch reference models: every runtime is compared against these."""
 from moexport.models.activations import ACTIVATIONS
 from moexport.models.attention import RelativeAttention
-from moexport.models.base import KINDS, ConfigModule, build
+from moexport.models.base import KINDS, ConfigModule, build, check_finite, nonfinite_tensors
 from moexport.models.mlp import DenseMLP, TopKMLP
 from moexport.models.pkm import PKM
 from moexport.models.presets import FFN_KINDS, PRESETS, from_preset, preset_config
@@ -24,9 +24,11 @@ __all__ = [
     "TransformerLM",
     "TransformerLayer",
     "build",
+    "check_finite",
     "entropy_regularizer",
     "expert_mix",
     "from_preset",
+    "nonfinite_tensors",
     "preset_config",
     "route",
     "topk_lower_index",

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moexport import MoexportError, load_checkpoint, save_checkpoint
+from moexport.checkpoints import describe
 from moexport.models import PKM, DenseMLP, SigmaMoE, TopKMLP, TransformerLM, from_preset
 
 MODULES = {
@@ -140,9 +141,11 @@ def test_config_tensor_shape_mismatch_names_the_tensor(tmp_path):
         load_checkpoint(tmp_path / "ckpt")
 
 
-def test_nonfinite_weights_warn_with_the_tensor_names(tmp_path):
+def test_nonfinite_weights_load_as_they_are_and_describe_names_them(tmp_path):
     layer = SigmaMoE(8, 4, 4, 2)
     with torch.no_grad():
         layer.keys[0, 0, 0] = float("inf")
-    with pytest.warns(UserWarning, match=r"NaN or Inf values in tensors 'keys'$"):
-        load_checkpoint(save_checkpoint(layer, tmp_path / "ckpt"))
+    loaded = load_checkpoint(save_checkpoint(layer, tmp_path / "ckpt"))
+    assert torch.equal(loaded.keys, layer.keys)  # inf == inf: the value is kept, nothing is patched
+    assert describe(loaded)["nonfinite"] == ["keys"] and describe(layer.eval())["nonfinite"] == ["keys"]
+    assert describe(SigmaMoE(8, 4, 4, 2))["nonfinite"] == []

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moexport import MoexportError, load_checkpoint
+from moexport.checkpoints import describe
 from moexport.models import TransformerLM
 
 from paper_format import DotDict, paper_args, paper_framework_importable, paper_state_dict, write_paper_checkpoint
@@ -126,13 +127,13 @@ def test_missing_argument_is_named(tmp_path):
         load_checkpoint(write_paper_checkpoint(tmp_path, model, args=args))
 
 
-def test_nonfinite_weights_warn_with_the_tensor_names(tmp_path):
+def test_nonfinite_weights_are_named_by_describe(tmp_path):
     model = trained_looking("sigma_moe")
     state = paper_state_dict(model)
     state["layers.0.pkm.values"][1, 2, 3] = float("nan")
     state["output.bias"][0] = float("inf")
-    with pytest.warns(UserWarning, match=r"'layers\.0\.ffn\.values', 'output\.bias'"):
-        load_checkpoint(write_paper_checkpoint(tmp_path, model, state=state))
+    info = describe(write_paper_checkpoint(tmp_path, model, state=state))
+    assert info["nonfinite"] == ["layers.0.ffn.values", "output.bias"]  # named as moexport names them
 
 
 class Evil:
