@@ -10,6 +10,28 @@ import onnx
 from moexport.core.errors import InternalError, MoexportError, first_line
 
 _TWO_GB = 2**31
+DTYPE_KEY = "moexport.dtype"  # metadata: the dtype the model was exported in (validate's tolerances)
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def record_dtype(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
+    """Write the dtype the model computes in into its metadata (`DTYPE_KEY`), replacing any record."""
+    kept = [p for p in model.metadata_props if p.key != DTYPE_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=DTYPE_KEY, value=dtype)
+    return model
+
+
+def model_dtype(model: onnx.ModelProto) -> str | None:
+    """The dtype a model computes in: its `DTYPE_KEY` record, else (files written before the record, or by
+    other tools) the type of its first floating-point output; None when neither says."""
+    recorded = {p.key: p.value for p in model.metadata_props}.get(DTYPE_KEY)
+    if recorded:
+        return recorded
+    types = (o.type.tensor_type.elem_type for o in model.graph.output)
+    return next((_FLOAT_TYPES[t] for t in types if t in _FLOAT_TYPES), None)
 
 
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
@@ -22,9 +44,14 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     if not path.is_file():
         raise MoexportError(str(path), "does not exist", "give the path of an .onnx file")
     try:
-        return onnx.load(str(path), load_external_data=load_external_data)
+        model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as error:  # protobuf and IO errors of a corrupt file
-        raise MoexportError(str(path), f"is not a readable ONNX model ({error})") from None
+        raise MoexportError(str(path), f"is not a readable ONNX model ({first_line(error)})") from None
+    # Protobuf reads an empty file (and some other bytes) as an empty message without complaint.
+    if not model.HasField("graph") or not model.graph.output:
+        found = "is empty" if path.stat().st_size == 0 else "holds no ONNX graph (or one without outputs)"
+        raise MoexportError(str(path), found, "give an .onnx file written by `moexport export` or `moexport fuse`")
+    return model
 
 
 def save_model(model: onnx.ModelProto, path: Path, *, check: bool = True) -> None:

@@ -25,11 +25,12 @@ import torch.nn as nn
 
 from moexport.core.dtypes import dtype_name, torch_dtype
 from moexport.core.errors import MoexportError, first_line
-from moexport.core.onnx_files import save_model
+from moexport.core.files import check_output_file
+from moexport.core.onnx_files import record_dtype, save_model
 from moexport.core.progress import progress
-from moexport.exporter.forms import FORMS, lower
+from moexport.exporter.forms import FORMS, is_routing_name, lower, routing_name
 from moexport.models.activations import ACTIVATIONS
-from moexport.models.base import ConfigModule
+from moexport.models.base import ConfigModule, check_finite
 from moexport.models.routing import SELECTIONS
 from moexport.models.sigma_moe import SigmaMoE
 from moexport.models.transformer import TransformerLM
@@ -144,7 +145,7 @@ def _output_names(model: nn.Module, memory: bool, experts: list | None) -> list[
     names = ["logits" if lm else "y"]
     if lm and memory:
         names += [f"new_memory.{i}" for i in range(model.n_layers)]
-    return names + [f"experts.{path}" if path else "experts" for path, _ in experts or []]
+    return names + [routing_name(path) for path, _ in experts or []]
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, mode: str | None = None, dtype: str | None = None,
@@ -162,7 +163,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, mode: str | None =
         opset: ONNX opset, at least 18. Defaults to 20.
         dynamic: Dynamic batch, sequence (and memory) axes. Defaults to True.
         routing_outputs: Add per σ-MoE layer an output ``experts.<module path>`` (``experts`` for a
-            single layer): the selected experts [..., k] int64, best first. Defaults to False.
+            single layer): the selected experts [..., k] int64, best first. Without it the tensor is
+            still there under that name (not an output), for `validate` to read. Defaults to False.
         memory: Transformer-XL memory: inputs ``memory.<i>`` [batch, M, d] and outputs
             ``new_memory.<i>`` per layer. Defaults to False.
         show_progress: Show a progress bar. Defaults to when stderr is a terminal.
@@ -171,7 +173,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, mode: str | None =
         The path written.
 
     Raises:
-        MoexportError: An unsupported module, attribute, mode, dtype or opset, or a failed export.
+        MoexportError: An unsupported module, attribute, mode, dtype or opset, weights holding NaN or Inf,
+            an output path that cannot be written, or a failed export.
     """
     mode = "dispatch" if mode is None else mode
     dtype = dtype_name("float32" if dtype is None else dtype)
@@ -185,17 +188,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, mode: str | None =
     if not isinstance(model, nn.Module):
         raise MoexportError(f"model ({type(model).__name__})", "is not a torch.nn.Module")
     _check_modules(model)
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise MoexportError(str(path), "is in a folder that does not exist")
+    check_finite(model, f"model ({type(model).__name__})")
+    path = check_output_file(path)
     n_layers = sum(isinstance(m, SigmaMoE) for m in model.modules())
-    with progress(f"exporting {type(model).__name__}", total=n_layers + 2, enabled=show_progress) as advance:
+    with progress(f"tracing {type(model).__name__} with torch.onnx", total=n_layers + 2,
+                  enabled=show_progress) as advance:
         proto = _trace(model, mode=mode, dtype=torch_dtype(dtype), opset=opset, dynamic=dynamic,
                        routing_outputs=bool(routing_outputs), memory=memory)
         advance(description="lowering σ-MoE layers")
         lower(proto, mode, advance=advance)
         advance(description="saving")
-        save_model(proto, path)
+        save_model(record_dtype(proto, dtype), path)
     return path
 
 
@@ -205,7 +208,9 @@ def _trace(model: nn.Module, *, mode: str, dtype: torch.dtype, opset: int, dynam
     first = next(model.parameters())
     same = first.dtype == dtype and first.device.type == "cpu"
     work = model if same else copy.deepcopy(model).to(device="cpu", dtype=dtype)  # the user's model stays as it is
-    experts = [] if routing_outputs else None
+    # Every layer's expert indices are traced and named experts.<module path>, graph outputs or not, so
+    # that `validate` can expose them and judge the outputs of a token that a near-tie routes elsewhere.
+    experts = []
     args, input_names, axes = _example(work, memory, dtype)
     was_training = work.training
     work.eval()
@@ -225,7 +230,12 @@ def _trace(model: nn.Module, *, mode: str, dtype: torch.dtype, opset: int, dynam
                             "run with -v for the full trace") from error
     finally:
         work.train(was_training)
-    return _strip_wrapper_prefix(program.model_proto)
+    proto = _strip_wrapper_prefix(program.model_proto)
+    if not routing_outputs:
+        kept = [o for o in proto.graph.output if not is_routing_name(o.name)]
+        del proto.graph.output[:]
+        proto.graph.output.extend(kept)
+    return proto
 
 
 def _strip_wrapper_prefix(model: onnx.ModelProto) -> onnx.ModelProto:

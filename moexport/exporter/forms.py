@@ -42,6 +42,23 @@ from moexport.opset.schemas import DOMAIN, PLUGIN_ATTRIBUTES
 
 # Domain of the temporary function that a SigmaMoE node is replaced by before inlining.
 EXPANSION_DOMAIN = "moexport.expansion"
+# Name of a layer's expert indices [..., k] in exported graphs: "experts" (a lone layer) or "experts.<path>".
+EXPERTS_PREFIX = "experts"
+
+
+def layer_output_name(prefix: str, module_path: str) -> str:
+    """Name of a per-layer output: `prefix` for a model that is one layer (path ""), else `prefix.<path>`."""
+    return f"{prefix}.{module_path}" if module_path else prefix
+
+
+def routing_name(module_path: str) -> str:
+    """Name of the expert indices of the σ-MoE layer at `module_path`."""
+    return layer_output_name(EXPERTS_PREFIX, module_path)
+
+
+def is_routing_name(name: str) -> bool:
+    """Whether a tensor name is that of a layer's expert indices (see `routing_name`)."""
+    return name == EXPERTS_PREFIX or name.startswith(EXPERTS_PREFIX + ".")
 
 
 def dispatch_form(op, x, router_w, keys, values, bias=None, o_bias=None, *, k: int, selection: str,

@@ -35,6 +35,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from moexport.core.errors import MoexportError, first_line
+from moexport.core.files import check_output_file
 from moexport.core.onnx_files import load_model, save_model
 from moexport.core.progress import progress
 from moexport.exporter.compiled import KernelsReport, attach_kernels, detach_kernels, triton_available
@@ -43,6 +44,7 @@ from moexport.exporter.forms import (
     FORM_INPUTS,
     dispatch_route,
     form_function,
+    is_routing_name,
     sigma_moe_parameters,
     unique_name,
 )
@@ -447,7 +449,7 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
     unknown = set(passes) - set(PASSES)
     if unknown:
         raise MoexportError(f"passes {sorted(unknown)}", "are not fusion passes", f"use some of {', '.join(PASSES)}")
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), check_output_file(dst)
     model = load_model(src)
     check_opset_imports(model, str(src))
     try:  # the graph in memory, not the file again, where protobuf can hold it
@@ -461,6 +463,10 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
                             "ONNX Runtime and TensorRT run this file on its function bodies")
     detach_kernels(model)  # they are compiled again for what the graph becomes
     graph, opset = gs.import_onnx(model), default_opset(model)
+    # The exporter names every layer's expert indices experts.<layer>, graph outputs or not. They are
+    # outputs while the passes run, so that cleanup keeps them and each fused node gives them too.
+    shown, kept = len(graph.outputs), {id(t) for t in graph.outputs}
+    graph.outputs += [t for name, t in graph.tensors().items() if is_routing_name(name) and id(t) not in kept]
     before = len(graph.nodes)
     _constants_to_tensors(graph)
     report.folded = before - len(graph.nodes)
@@ -474,8 +480,10 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, *, passes: tuple[str, .
     report.settle()
     if report.changed:
         graph.fold_constants().cleanup().toposort()
+        del graph.outputs[shown:]
         fused = gs.export_onnx(graph)
         fused.ir_version = max(fused.ir_version, model.ir_version)
+        fused.metadata_props.extend(model.metadata_props)  # graph surgeon drops them (the dtype record among them)
         model = fused
     if archs != ():
         targets = ", ".join(f"sm_{sm}" for sm in (archs or DEFAULT_ARCHS))

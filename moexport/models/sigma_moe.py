@@ -22,7 +22,7 @@ from moexport.core import accel
 from moexport.core.errors import MoexportError
 from moexport.models.activations import activation_fn
 from moexport.models.base import ConfigModule
-from moexport.models.routing import check_selection, entropy_regularizer, route
+from moexport.models.routing import check_selection, entropy_regularizer, gates_of, route
 
 
 def renorm_keep_std(weight: torch.Tensor) -> torch.Tensor:
@@ -136,11 +136,22 @@ class SigmaMoE(ConfigModule):
             return fast(self, x)
         return self.reference_forward(x)
 
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The PyTorch reference every other implementation is compared against."""
+    def reference_forward(self, x: torch.Tensor, *, expert: torch.Tensor | None = None) -> torch.Tensor:
+        """The PyTorch reference every other implementation is compared against.
+
+        Args:
+            x: Input [..., d].
+            expert: Experts [..., k] to send each token to instead of its own top-k, e.g. those another
+                runtime chose, so that the rest of the layer can be compared where a near-tie went the
+                other way there. Gates follow the selection rule for these experts. Defaults to top-k.
+        """
         flat = x.reshape(-1, self.d_model)
         logits, drop_mask = self.router_forward(flat)
-        gate, expert = route(logits, self.k, self.selection, drop_mask=drop_mask)
+        if expert is None:
+            gate, expert = route(logits, self.k, self.selection, drop_mask=drop_mask)
+        else:
+            expert = expert.reshape(-1, self.k).to(device=x.device, dtype=torch.int64)
+            gate = gates_of(logits, expert, self.selection)
         y = expert_mix(flat, gate, expert, self.keys, self.values, bias=self.bias, o_bias=self.o_bias,
                        activation=self.activation, hidden_dropout=self.dropout if self.training else 0.0)
         return y.reshape(*x.shape[:-1], self.v_dim)

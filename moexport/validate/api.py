@@ -16,19 +16,16 @@ from polygraphy.logger import G_LOGGER
 
 from moexport.core.dtypes import Tolerance, dtype_name, tolerance_for
 from moexport.core.errors import MoexportError
-from moexport.core.onnx_files import load_model
+from moexport.core.files import check_output_folder
+from moexport.core.onnx_files import load_model, model_dtype
+from moexport.core.options import check_count, check_tolerance
 from moexport.core.shapes import parse_shapes
-from moexport.validate.compare import compare_numeric, compare_routing
+from moexport.exporter.forms import routing_name
+from moexport.models import check_finite
+from moexport.validate.compare import compare_numeric, compare_routing, explained_only, follow_routing
 from moexport.validate.inputs import concrete_metadata, make_inputs
 from moexport.validate.report import ValidationReport
-from moexport.validate.runners import (
-    EXPERTS_PREFIX,
-    TorchRunner,
-    onnxrt_runner,
-    routing_name,
-    sigma_moe_layers,
-    trt_runner,
-)
+from moexport.validate.runners import TorchRunner, check_io, onnxrt_runner, sigma_moe_layers, trt_runner
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 RUNNERS = ("onnxrt", "onnxrt-cuda", "trt")
@@ -38,13 +35,16 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
              runners: list[str] | None = None, dtype: str | None = None, shapes: str | dict | None = None,
              seed: int | None = None, iterations: int | None = None, atol: float | None = None,
              rtol: float | None = None, use_text: bool | None = None, report_dir: str | os.PathLike | None = None,
-             verbose: bool = False) -> ValidationReport:
+             k: int | None = None, verbose: bool = False) -> ValidationReport:
     """Compare an exported artifact with the PyTorch model it was exported from.
 
     Every runner gets identical inputs (seeded random data, and the shipped text sample for byte-level
-    LMs). Each output passes when max |err| <= atol + rtol · max |reference|; for every σ-MoE layer whose
-    expert indices the artifact exposes, the share of tokens with identical top-k sets is reported and
-    every disagreement is either explained by a near-tie of the reference's router logits or fails.
+    LMs); the reference is the model in float32, whatever the artifact's dtype. Each output passes when
+    max |err| <= atol + rtol · max |reference|; for every σ-MoE layer whose expert indices the artifact
+    exposes, the share of tokens with identical top-k sets is reported and every disagreement is either
+    explained by a near-tie of the reference's router logits (or by an earlier layer's) or fails. Inputs
+    on which the artifact routed a near-tie the other way are compared with the reference run on the
+    artifact's routing, so that the other expert's output is not counted as numeric error.
 
     Args:
         artifact: An ONNX file or a serialized TensorRT engine (.plan / .engine).
@@ -52,54 +52,71 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
         runners: Runtimes for the artifact, compared in this order: "onnxrt" (CPU), "onnxrt-cuda", "trt".
             Defaults to "onnxrt" (plus "onnxrt-cuda" where ONNX Runtime has CUDA) for ONNX files and
             "trt" for engines.
-        dtype: Dtype the reference runs in. Defaults to the artifact's (recorded by the exporter).
+        dtype: The dtype the artifact computes in, which sets the tolerances and the near-tie margin.
+            Defaults to the dtype recorded by the exporter (for other ONNX files, that of the first
+            floating-point output; float32 for engines).
         shapes: Input shapes, {name: shape} or "name:[d0,d1] ..."; dynamic dimensions default to batch 2,
             sequence 64.
         seed: Seed of the random inputs. Defaults to 1.
-        iterations: Number of random input sets. Defaults to 2.
-        atol: Absolute tolerance. Defaults to the dtype's (moexport.core.TOLERANCES).
-        rtol: Relative tolerance. Defaults to the dtype's.
+        iterations: Number of random input sets, at least 1. Defaults to 2.
+        atol: Absolute tolerance, finite and >= 0. Defaults to the dtype's (moexport.core.TOLERANCES).
+        rtol: Relative tolerance, finite and >= 0. Defaults to the dtype's.
         use_text: Also feed the text sample to byte-level LMs. Defaults to True.
-        report_dir: Folder for report.json and report.html. Defaults to writing none.
+        report_dir: Folder for report.json and report.html (checked before any work). Defaults to writing none.
+        k: Experts per token, for a checkpoint that is a σ-MoE layer state dict (which does not record it).
         verbose: Show polygraphy's own log. Defaults to False.
 
     Returns:
         The report; truthy when everything passed.
 
     Raises:
-        MoexportError: unreadable artifact or checkpoint, unknown runner, runtime not installed.
+        MoexportError: unreadable artifact or checkpoint, an artifact that does not fit the checkpoint,
+            non-finite weights, an unknown runner or one that cannot run the artifact, a runtime that is
+            not installed, a bad option value.
     """
     artifact = Path(artifact)
     if not artifact.is_file():
         raise MoexportError(str(artifact), "does not exist")
-    model, reference = _reference_model(checkpoint)
-    routing_names = {routing_name(EXPERTS_PREFIX, path) for path in sigma_moe_layers(model)}
+    iterations = 2 if iterations is None else check_count("iterations", iterations)
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None:
+            check_tolerance(name, value)
+    report_dir = None if report_dir is None else check_output_folder(report_dir)
     is_engine = artifact.suffix in ENGINE_SUFFIXES
     runners = runners or (["trt"] if is_engine else _default_onnx_runners())
     for name in runners:
-        if name not in RUNNERS:
-            raise MoexportError(f"runner {name!r}", "is not known", f"use one of {', '.join(RUNNERS)}")
+        _check_runner(name, artifact, is_engine)
+    model, reference = _reference_model(checkpoint, k)
+    check_finite(model, reference)
+    routing_names = {routing_name(path) for path in sigma_moe_layers(model)}
     with contextlib.ExitStack() as stack:
         if is_engine:
             source, metadata, outputs, recorded_dtype = artifact, None, None, None
         else:
             source, metadata, outputs, recorded_dtype = _prepare_onnx(artifact, routing_names, stack)
         dtype = dtype_name(dtype or recorded_dtype or "float32")
+        if recorded_dtype == "bfloat16" and "onnxrt" in runners:
+            raise MoexportError(str(artifact), "is a bfloat16 model, and ONNX Runtime's CPU provider has no "
+                                "bfloat16 MatMul", "validate it on a GPU runtime (--onnxrt-cuda, or a TensorRT "
+                                "engine with --trt --bf16), or export float16 or float32 to check it on the CPU")
         tolerance = tolerance_for(dtype)
         tolerance = Tolerance(rtol=tolerance.rtol if rtol is None else rtol,
                               atol=tolerance.atol if atol is None else atol, tie=tolerance.tie)
         artifact_runners = [_make_runner(name, source) for name in runners]
         if metadata is None:
             metadata, outputs = _engine_io(artifact_runners[0])
+        check_io(model, str(artifact), metadata, outputs)
         metadata = concrete_metadata(metadata, parse_shapes(shapes))
-        torch_runner = TorchRunner(model, input_metadata=metadata, output_names=outputs, dtype=dtype)
-        seed, iterations = (1 if seed is None else seed), (2 if iterations is None else iterations)
+        torch_runner = TorchRunner(model, input_metadata=metadata, output_names=outputs, dtype="float32")
+        seed = 1 if seed is None else seed
         with _polygraphy_log(verbose):
             feeds = make_inputs(metadata, seed=seed, iterations=iterations,
                                 vocab_size=getattr(model, "vocab_size", None), use_text=use_text is not False)
             results = Comparator.run([torch_runner, *artifact_runners], data_loader=feeds)
-            numeric = compare_numeric(results, tolerance=tolerance, reference=torch_runner.name)
-        routing = compare_routing(results, tolerance=tolerance, reference=torch_runner.name)
+            followed = follow_routing(torch_runner, feeds, results)
+            routing = compare_routing(results, tolerance=tolerance, reference=torch_runner.name, followed=followed)
+            followed = explained_only(followed, results, torch_runner.name, routing)
+            numeric = compare_numeric(results, tolerance=tolerance, reference=torch_runner.name, followed=followed)
     report = ValidationReport(
         artifact=str(artifact), reference=reference, dtype=dtype, runners=[r.name for r in artifact_runners],
         inputs=[f"{iterations} x random (seed {seed})"] + (["text sample"] if len(feeds) > iterations else []),
@@ -113,12 +130,26 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
     return report
 
 
-def _reference_model(checkpoint) -> tuple[torch.nn.Module, str]:
+def _reference_model(checkpoint, k: int | None) -> tuple[torch.nn.Module, str]:
     if isinstance(checkpoint, torch.nn.Module):
         return checkpoint, type(checkpoint).__name__
     from moexport.checkpoints import load_checkpoint
 
-    return load_checkpoint(checkpoint), str(checkpoint)
+    return load_checkpoint(checkpoint, k=k), str(checkpoint)
+
+
+def _check_runner(name: str, artifact: Path, is_engine: bool) -> None:
+    """A known runner that can run this kind of artifact (TensorRT runs engines, ONNX Runtime ONNX files)."""
+    if name not in RUNNERS:
+        raise MoexportError(f"runner {name!r}", "is not known", f"use one of {', '.join(RUNNERS)}")
+    if (name == "trt") == is_engine:
+        return
+    if is_engine:
+        raise MoexportError(f"runner {name!r} (--{name})", f"runs ONNX files, and {artifact} is a TensorRT engine",
+                            "validate the engine with --trt, or the ONNX file it was built from with --onnxrt")
+    raise MoexportError("runner 'trt' (--trt)", f"runs TensorRT engines, and {artifact} is an ONNX file",
+                        f"build an engine first (moexport build {artifact} -o model.plan ...) and validate "
+                        f"that, or run the ONNX file in ONNX Runtime (--onnxrt)")
 
 
 def _default_onnx_runners() -> list[str]:
@@ -159,7 +190,7 @@ def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitSta
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim)
         metadata.add(value.name, DataType.from_dtype(value.type.tensor_type.elem_type, "onnx"), dims)
     outputs = [o.name for o in graph.output]
-    recorded = {p.key: p.value for p in model.metadata_props}.get("moexport.dtype")
+    recorded = model_dtype(model)
     internal = sorted({o for node in graph.node for o in node.output if o in routing_names} - set(outputs))
     if internal:
         inferred = onnx.shape_inference.infer_shapes(model)

@@ -37,9 +37,11 @@ def concrete_metadata(metadata: TensorMetadata, shapes: dict[str, tuple[int, ...
     out = TensorMetadata()
     for name, (dtype, shape) in metadata.items():
         if name in shapes:
-            if len(shapes[name]) != len(shape):
-                raise MoexportError(f"--shapes {name}", f"has rank {len(shapes[name])}, the input has rank {len(shape)}")
             concrete = shapes[name]
+            fixed = [d if isinstance(d, int) and d > 0 else None for d in shape]
+            if len(concrete) != len(shape) or any(f not in (None, c) for f, c in zip(fixed, concrete)):
+                raise MoexportError(f"--shapes {name}:{list(concrete)}", f"does not fit the input's shape "
+                                    f"{['?' if f is None else f for f in fixed]}", "? marks a dynamic dimension")
         else:
             defaults = (DEFAULT_BATCH, DEFAULT_SEQ)
             concrete = tuple(d if isinstance(d, int) and d > 0 else (defaults[i] if i < 2 else 1)

@@ -5,7 +5,9 @@ Comparator drives them all with identical inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -19,15 +21,11 @@ from polygraphy.common import TensorMetadata
 
 from moexport.core.dtypes import torch_dtype
 from moexport.core.errors import MoexportError
-from moexport.models import SigmaMoE, route
+from moexport.exporter.forms import EXPERTS_PREFIX, layer_output_name, routing_name
+from moexport.models import SigmaMoE, TransformerLM, route
 
-EXPERTS_PREFIX = "experts"  # routing outputs: "experts" (single layer) or "experts.<module path>"
 GAP_PREFIX = "router_gap"  # PyTorch-only companion output: relative top-k margin of each token
-
-
-def routing_name(prefix: str, module_path: str) -> str:
-    """Name of a routing output: `prefix` for a model that is one layer, else `prefix.<module path>`."""
-    return f"{prefix}.{module_path}" if module_path else prefix
+MEMORY_PREFIX, NEW_MEMORY_PREFIX = "memory.", "new_memory."
 
 
 def sigma_moe_layers(model: torch.nn.Module) -> dict[str, SigmaMoE]:
@@ -48,7 +46,8 @@ class TorchRunner(BaseRunner):
 
     Besides the model outputs it records, for every σ-MoE layer, the selected experts
     (``experts.<path>``) and the top-k margin of every token (``router_gap.<path>``), so routing can be
-    compared and disagreements explained.
+    compared and disagreements explained. `infer_following` runs the model on another runtime's
+    routing instead of its own.
 
     Args:
         model: The PyTorch model.
@@ -64,6 +63,7 @@ class TorchRunner(BaseRunner):
         super().__init__(name=name or "pytorch", prefix="pytorch-runner")
         self.model, self.input_metadata, self.output_names = model, input_metadata, list(output_names)
         self.dtype = torch_dtype(dtype or "float32")
+        self._follow: dict[str, np.ndarray] = {}
 
     def activate_impl(self):
         self._was_training = self.model.training
@@ -72,25 +72,54 @@ class TorchRunner(BaseRunner):
             # Convert a copy: `.to()` converts in place and would round the caller's weights for good.
             self._model = copy.deepcopy(self._model).to(self.dtype)
         self._routing: dict[str, torch.Tensor] = {}
+        self._layers = sigma_moe_layers(self._model)
         self._hooks = [layer.register_forward_pre_hook(self._record_routing(path))
-                       for path, layer in sigma_moe_layers(self._model).items()]
+                       for path, layer in self._layers.items()]
 
     def _record_routing(self, path: str):
         def hook(layer: SigmaMoE, args):
             logits = layer.router_logits(args[0])
             _, expert = route(logits, layer.k, layer.selection)
-            self._routing[routing_name(EXPERTS_PREFIX, path)] = expert
-            self._routing[routing_name(GAP_PREFIX, path)] = topk_margin(logits, layer.k)
+            self._routing[routing_name(path)] = expert
+            self._routing[layer_output_name(GAP_PREFIX, path)] = topk_margin(logits, layer.k)
 
         return hook
 
     def get_input_metadata_impl(self):
         return self.input_metadata
 
+    def infer_following(self, feed_dict: dict[str, np.ndarray], experts: dict[str, np.ndarray]) -> OrderedDict:
+        """`infer`, with every σ-MoE layer named in `experts` (by its routing output name) sending each
+        token to the experts given there (another runtime's choices) instead of its own top-k.
+
+        The routing outputs stay the model's own top-k choices and margins on the inputs it then sees:
+        where another runtime's routing departs from them, it departs from what the reference would do
+        given the routing of the layers before.
+        """
+        self._follow = experts
+        try:
+            return self.infer(feed_dict)
+        finally:
+            self._follow = {}
+
+    @contextlib.contextmanager
+    def _following(self):
+        swapped = []
+        for path, layer in self._layers.items():
+            experts = self._follow.get(routing_name(path))
+            if experts is not None:
+                layer.forward = functools.partial(layer.reference_forward, expert=torch.from_numpy(experts))
+                swapped.append(layer)
+        try:
+            yield
+        finally:
+            for layer in swapped:
+                del layer.forward
+
     def infer_impl(self, feed_dict):
         inputs = {name: torch.from_numpy(np.asarray(value)) for name, value in feed_dict.items()}
         self._routing.clear()
-        with torch.no_grad():
+        with torch.no_grad(), self._following():
             start = time.perf_counter()
             outputs = self._forward(inputs)
             self.inference_time = time.perf_counter() - start
@@ -105,13 +134,14 @@ class TorchRunner(BaseRunner):
         return result
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        main = [n for n in self.output_names if not n.startswith((EXPERTS_PREFIX, "new_memory"))]
+        main = [n for n in self.output_names if not n.startswith((EXPERTS_PREFIX, NEW_MEMORY_PREFIX))]
         if "input_ids" in inputs:
-            memory_names = sorted((n for n in inputs if n.startswith("memory.")), key=lambda n: int(n.split(".")[1]))
+            memory_names = sorted((n for n in inputs if n.startswith(MEMORY_PREFIX)),
+                                  key=lambda n: int(n.split(".")[1]))
             memory = [inputs[n].to(self.dtype) for n in memory_names] or None
-            if any(n.startswith("new_memory.") for n in self.output_names):
+            if any(n.startswith(NEW_MEMORY_PREFIX) for n in self.output_names):
                 logits, new_memory = self._model(inputs["input_ids"], memory=memory, return_memory=True)
-                outputs = {f"new_memory.{i}": m for i, m in enumerate(new_memory)}
+                outputs = {f"{NEW_MEMORY_PREFIX}{i}": m for i, m in enumerate(new_memory)}
             else:
                 logits, outputs = self._model(inputs["input_ids"], memory=memory), {}
             outputs[main[0] if main else "logits"] = logits
@@ -123,6 +153,43 @@ class TorchRunner(BaseRunner):
         for hook in self._hooks:
             hook.remove()
         self.model.train(self._was_training)
+
+
+def check_io(model: torch.nn.Module, artifact: str, metadata: TensorMetadata, outputs: list[str]) -> None:
+    """Check that `artifact` takes the inputs `model` takes and gives only outputs it produces.
+
+    Raises:
+        MoexportError: Naming the artifact and the inputs or outputs that do not fit, with what the model
+            expects: an ONNX file or engine made from another model (or not by moexport at all).
+    """
+    kind = type(model).__name__
+    routing = {routing_name(path) for path in sigma_moe_layers(model)}
+    found = ", ".join(f"{name} ({dtype} {list(shape)})" for name, (dtype, shape) in metadata.items()) or "none"
+    hint = "give an ONNX file (or engine) made by `moexport export` from this checkpoint"
+    if isinstance(model, TransformerLM):
+        memory = {f"{MEMORY_PREFIX}{i}" for i in range(model.n_layers)}
+        ids = metadata["input_ids"] if "input_ids" in metadata else None
+        fits = (ids is not None and ids.dtype.is_integral and len(ids.shape) == 2
+                and set(metadata) - {"input_ids"} in (set(), memory))
+        expected = f"input_ids [batch, seq] (int64), and {MEMORY_PREFIX}<i> per layer with memory"
+        allowed = {"logits"} | {f"{NEW_MEMORY_PREFIX}{i}" for i in range(model.n_layers)} | routing
+        main = "logits"
+    else:
+        (value, *rest) = list(metadata.values()) or [None]
+        width = getattr(model, "d_model", None)
+        fits = (value is not None and not rest and value.dtype.is_floating and len(value.shape) >= 2
+                and value.shape[-1] in (width, None))
+        expected = f"one input x [..., {width}] (floating point)"
+        allowed, main = {"y"} | routing, "y"
+    if not fits:
+        raise MoexportError(artifact, f"takes the inputs {found}, which the checkpoint's {kind} does not",
+                            f"a {kind} takes {expected}; {hint}")
+    unknown = [name for name in outputs if name not in allowed]
+    if unknown or main not in outputs:
+        problem = (f"gives the output(s) {', '.join(map(repr, unknown))}, which the checkpoint's {kind} does not"
+                   if unknown else f"gives no output {main!r}")
+        raise MoexportError(artifact, problem, f"a {kind} gives {main} (and {EXPERTS_PREFIX}.<layer> per σ-MoE "
+                            f"layer); {hint}")
 
 
 def onnxrt_runner(model: str | Path | onnx.ModelProto, *, providers: list[str] | None = None,

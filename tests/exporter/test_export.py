@@ -1,4 +1,6 @@
 """export_onnx: parity of both forms against the PyTorch model, names, dtypes, the model left alone, bad input."""
+import re
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -74,6 +76,32 @@ def test_float16_export_is_within_tolerance(tmp_path, mode):
         assert y.dtype == np.float16
         assert_close(y, half(x.half()).float().numpy(), "float16")
         np.testing.assert_array_equal(experts, half.route(x.half())[1].numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_dtype_is_recorded_and_the_expert_indices_are_named_without_being_outputs(tmp_path, dtype):
+    module = layer()
+    path = moexport.export_onnx(module, tmp_path / "x.onnx", dtype=dtype)
+    model = onnx.load(path)
+    assert {p.key: p.value for p in model.metadata_props}[onnx_files.DTYPE_KEY] == dtype
+    assert onnx_files.model_dtype(model) == dtype
+    assert [o.name for o in model.graph.output] == ["y"]
+    # The tensor is there for validate to read: exposed as an output, it holds the layer's routing.
+    model.graph.output.append(onnx.helper.make_tensor_value_info("experts", onnx.TensorProto.INT64, None))
+    x = torch.randn(3, 5, 16)
+    feed = x.half() if dtype == "float16" else x
+    _, experts = ort_session(model).run(None, {"x": feed.numpy()})
+    with torch.no_grad():
+        np.testing.assert_array_equal(experts, module.to(feed.dtype).route(feed)[1].numpy())
+
+
+def test_nonfinite_weights_are_refused_and_named(tmp_path):
+    module = layer()
+    with torch.no_grad():
+        module.values[2, 3, 1] = float("nan")
+    with pytest.raises(MoexportError, match=r"tensor 'values' \| holds NaN or Inf values"):
+        moexport.export_onnx(module, tmp_path / "x.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -187,6 +215,16 @@ def test_missing_output_folder_writes_nothing(tmp_path):
     with pytest.raises(MoexportError, match="folder that does not exist"):
         moexport.export_onnx(layer(), tmp_path / "no" / "x.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_tracing(tmp_path, monkeypatch):
+    monkeypatch.setattr("moexport.exporter.export._trace", lambda *a, **k: pytest.fail("traced"))
+    with pytest.raises(MoexportError, match=re.escape(f"{tmp_path} | is a folder")):
+        moexport.export_onnx(layer(), tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MoexportError, match=r"which is a file, not a folder"):
+        moexport.export_onnx(layer(), tmp_path / "file" / "x.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 PRESET_CASES = [(name, ffn) for name in ("wt103_small", "wt103_238m", "wt103_big", "enwik8", "tiny")

@@ -2,6 +2,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -9,7 +10,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from moexport import MoexportError, export_onnx, save_checkpoint
+import moexport
+from moexport import MoexportError, export_onnx, load_checkpoint, save_checkpoint
+from moexport.core.dtypes import TOLERANCES
 from moexport.validate import validate
 from moexport.models import SigmaMoE, TransformerLM
 
@@ -17,10 +20,16 @@ from moexport.models import SigmaMoE, TransformerLM
 N_EXPERTS, TIED = 8, (1, 5)  # experts 1 and 5 get identical router rows: every token ties between them
 
 
-def small_lm(*, ties: bool = False) -> TransformerLM:
+def small_lm(*, ties: bool = False, near_ties: bool = False) -> TransformerLM:
+    """A small LM; `ties`: experts 1 and 5 have the same router row (4x the norm), `near_ties`: router rows
+    that differ by a factor 1 + 1e-6, so that each token ranks them a hair apart."""
     torch.manual_seed(0)
     model = TransformerLM(vocab_size=256, d_model=48, n_layers=2, n_heads=4,
                           ffn={"kind": "sigma_moe", "d_model": 48, "n_experts": N_EXPERTS, "expert_size": 16, "k": 2})
+    if near_ties:
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.ffn.expert_sel[TIED[1]] = layer.ffn.expert_sel[TIED[0]] * (1 + 1e-6)
     if ties:
         with torch.no_grad():
             for layer in model.layers:
@@ -92,22 +101,38 @@ def reverse_experts(src, dst):
     return dst
 
 
-def test_a_file_with_another_tie_rule_fails_and_the_ties_are_explained(tmp_path):
+def test_a_file_with_another_tie_rule_fails_on_its_exact_ties(tmp_path):
     tied = small_lm(ties=True)
     exported = export_onnx(tied, tmp_path / "tied.onnx", mode="dispatch", routing_outputs=True)
     assert validate(exported, tied).passed  # our graph breaks the ties exactly like PyTorch
 
     report = validate(reverse_experts(exported, tmp_path / "reversed.onnx"), tied)
     assert not report.passed
-    assert any(not o.passed for o in report.outputs)
-    disagreeing = sum(r.tokens - r.agreeing for r in report.routing)
-    assert disagreeing > 0
-    assert all(r.unexplained == 0 for r in report.routing)  # every disagreement is explained:
-    first = report.routing[0]
-    assert first.layer == "layers.0.ffn" and first.near_ties == first.tokens - first.agreeing > 0
-    for ex in first.examples:  # in the first layer by an exact tie between the two tied experts
-        assert ex["kind"] == "near-tie" and ex["margin"] == 0.0
+    first = report.routing[0]  # the first layer picks the higher of the two tied experts: against the rule
+    assert first.layer == "layers.0.ffn" and first.unexplained == first.tokens - first.agreeing > 0
+    for ex in first.examples:
+        assert ex["kind"] == "unexplained" and ex["margin"] == 0.0
         assert set(ex["reference"]) ^ set(ex["runner"]) == set(TIED)
+    # The inputs with unexplained routing are compared on the reference's own routing: the logits show it.
+    assert any(not o.passed for o in report.outputs)
+
+
+def test_near_ties_routed_the_other_way_are_judged_on_the_artifacts_routing(tmp_path):
+    model = small_lm(near_ties=True)
+    exported = onnx.load(str(export_onnx(model, tmp_path / "lm.onnx")))
+    for init in exported.graph.initializer:  # the file ranks the near-tied pair the other way round
+        if init.name.endswith(".router_w"):
+            array = numpy_helper.to_array(init).copy()
+            array[:, TIED[1]] = array[:, TIED[0]] * (1 - 1e-6)
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+    onnx.save(exported, str(tmp_path / "flipped.onnx"))
+    report = validate(tmp_path / "flipped.onnx", model)
+    assert report.passed, report.to_dict()
+    assert sum(r.near_ties for r in report.routing) > 0 and all(r.unexplained == 0 for r in report.routing)
+    (logits,) = report.outputs
+    assert logits.rerouted > 0
+    # Against the reference's own routing the other experts' outputs would have failed the numeric check.
+    assert logits.max_abs_own_routing > logits.atol + logits.rtol * logits.scale > logits.max_abs
 
 
 def test_routing_difference_without_a_tie_is_unexplained(lm, lm_dispatch, tmp_path):
@@ -141,6 +166,16 @@ def test_a_single_layer_is_checked_with_its_routing(tmp_path):
     report = validate(path, layer, iterations=1)
     assert report.passed and {o.output for o in report.outputs} == {"y"}
     assert [(r.layer, r.tokens, r.agreement) for r in report.routing] == [("", 2 * 64, 1.0)]
+
+
+def test_a_float16_layer_is_judged_as_float16_against_the_float32_layer(tmp_path):
+    torch.manual_seed(0)
+    layer = SigmaMoE(64, 8, 32, 2).eval()
+    report = validate(export_onnx(layer, tmp_path / "layer.onnx", dtype="float16"), layer, iterations=1)
+    (y,) = report.outputs
+    assert report.dtype == "float16" and report.passed, report.to_dict()
+    assert TOLERANCES["float32"].atol < y.max_abs <= y.atol + y.rtol * y.scale  # float16 rounding, not float32's
+    assert [r.layer for r in report.routing] == [""]
 
 
 def test_bad_input_is_one_clear_error(lm, lm_dispatch, tmp_path):
@@ -182,3 +217,47 @@ def test_cli_exit_status_says_passed_or_failed(lm, lm_dispatch, tmp_path):
     missing = run_cli("validate", tmp_path / "nope.onnx", "--checkpoint", tmp_path / "good")
     assert missing.returncode == 1 and "nope.onnx | does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+# ---- float16: the shipped trained model, as a user exports it --------------------------------------
+
+SHIPPED = Path(moexport.__file__).parent / "data" / "sigma_moe_lm"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_checkpoint(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def shipped_fp16(shipped, tmp_path_factory):
+    """`moexport export moexport/data/sigma_moe_lm -o fp16.onnx --fp16`: default options otherwise."""
+    return export_onnx(shipped, tmp_path_factory.mktemp("fp16") / "fp16.onnx", dtype="float16")
+
+
+def test_the_shipped_model_in_float16_passes_with_default_options(shipped, shipped_fp16):
+    report = validate(shipped_fp16, shipped)
+    assert report.passed, report.to_dict()
+    assert report.dtype == "float16"  # read from the file: float16 tolerances and near-tie margin
+    (logits,) = report.outputs
+    assert (logits.atol, logits.rtol) == (TOLERANCES["float16"].atol, TOLERANCES["float16"].rtol)
+    # Routing is read from the file although it has no routing outputs: every layer, every token.
+    assert {r.layer for r in report.routing} == {f"layers.{i}.ffn" for i in range(4)}
+    assert all(r.tokens == 3 * 2 * 64 and r.unexplained == 0 for r in report.routing)
+    # The reference is the float32 model: closer than float16 rounding of the logits' scale.
+    assert logits.max_rel < 2e-3
+
+
+def test_a_float16_file_with_one_corrupted_expert_fails(shipped, shipped_fp16, tmp_path):
+    model = onnx.load(str(shipped_fp16))
+    (values,) = [i for i in model.graph.initializer if i.name == "layers.2.ffn.values"]
+    array = numpy_helper.to_array(values).copy()
+    array[3] *= 1.25  # one expert of one layer, 25% off
+    values.CopyFrom(numpy_helper.from_array(array, values.name))
+    onnx.save(model, str(tmp_path / "corrupted.onnx"))
+    report = validate(tmp_path / "corrupted.onnx", shipped)
+    assert not report.passed
+    (logits,) = report.outputs
+    assert not logits.passed and logits.max_abs > logits.atol + logits.rtol * logits.scale
+    assert all(r.passed for r in report.routing[:3])  # the routers are intact; only the expert's output is off
+
