@@ -7,7 +7,10 @@ and ONNX Runtime CPU on the dispatch, portable and fused graphs. The parameter-e
 ONNX output is also checked against eager (max relative error, routing agreement), so a fast wrong
 graph cannot look good.
 
-    python -m moexport.bench onnx-cpu [--tokens 256] [--iterations 20] [--out bench/results]
+    python -m moexport.bench onnx-cpu [--tokens 256] [--iterations 20] [--out DIR]
+
+Results go to a fresh folder ./moexport-bench/onnx-cpu-<date>-<time> unless --out names one (the
+committed results were written with --out bench/results); the paths written are printed.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from moexport.bench.report import write_results
+from moexport.core.files import check_output_folder
 from moexport.core.progress import progress
 from moexport.exporter import export_onnx, fuse
 from moexport.models import SigmaMoE, from_preset
@@ -136,11 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moexport.bench onnx-cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256, help="Tokens of the batch-1 sequence. Defaults to 256.")
     parser.add_argument("--iterations", type=int, default=20, help="Timed runs per row. Defaults to 20.")
-    parser.add_argument("--out", default="bench/results", help="Results folder. Defaults to bench/results.")
+    parser.add_argument("--out", default=None,
+                        help="Results folder. Defaults to a fresh ./moexport-bench/onnx-cpu-<date>-<time>.")
     parser.add_argument("--max-load", type=float, default=1.0,
                         help="Start timing once the 1-minute load average is below this. Defaults to 1.0.")
     parser.add_argument("--patience", type=float, default=900, help="Seconds to wait for that. Defaults to 900.")
     args = parser.parse_args(argv)
+    out = check_output_folder(args.out or Path("moexport-bench") / time.strftime("onnx-cpu-%Y%m%d-%H%M%S"))
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     tokens = args.tokens
@@ -185,11 +191,13 @@ def main(argv: list[str] | None = None) -> int:
              "nodes run through their function bodies; portable = standard ops, dense-masked experts; fused = one "
              "SigmaMoE node per layer run through its function body (per-expert gather, two MatMuls, scatter-add): "
              "the compiled op library runs on ONNX Runtime's CUDA execution provider only.")
-    write_results("onnx_cpu", rows, columns=["model", "runtime", "form", "median_ms", "min_ms", "vs_eager",
-                                             "max_rel_error", "routing_agreement"],
-                  out_dir=args.out, title="ONNX Runtime CPU latency of the three graph forms vs PyTorch eager",
-                  notes=notes, environment=environment, plot=_plot)
+    paths = write_results("onnx_cpu", rows, columns=["model", "runtime", "form", "median_ms", "min_ms", "vs_eager",
+                                                     "max_rel_error", "routing_agreement"],
+                          out_dir=out, title="ONNX Runtime CPU latency of the three graph forms vs PyTorch eager",
+                          notes=notes, environment=environment, plot=_plot)
     best = min((r for r in rows if r["model"].startswith("WT103-small σ-MoE") and r["form"] != "-"),
                key=lambda r: r["median_ms"])
     print(f"fastest form {best['form']}: {best['median_ms']:.1f} ms, {best['vs_eager']:.2f}x eager")
+    for path in paths.values():
+        print(f"wrote {path}")
     return 0 if best["vs_eager"] >= 1.0 else 3
