@@ -11,25 +11,36 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
+from moexport import __version__
 from moexport.core.errors import MoexportError
+from moexport.core.files import check_output_file
+from moexport.core.options import check_count, check_tolerance
 from moexport.core.shapes import parse_shapes
+from moexport.core.tables import print_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
 
 def _console(stream) -> Console:
     """A console on sys.stdout or sys.stderr."""
-    # Tables are wider than 80 columns; a log file or pipe has no width of its own, so give it room.
-    return Console(stderr=stream is sys.stderr, width=None if stream.isatty() else 132)
+    # A log file or pipe has no width of its own: give it room unless COLUMNS says otherwise (tables that
+    # do not fit are stacked, see moexport.core.tables).
+    wide = stream.isatty() or "COLUMNS" in os.environ
+    return Console(stderr=stream is sys.stderr, width=None if wide else 132, highlight=False)
 
 
-console = _console(sys.stderr)
+# Results (tables, "wrote" lines, the PASSED/FAILED line) go to stdout, so `moexport demo > log` keeps
+# them; progress, warnings and errors go to stderr.
+console, log = _console(sys.stdout), _console(sys.stderr)
 
 # name -> (function, add_arguments)
 SUBCOMMANDS: dict[str, tuple] = {}
@@ -52,25 +63,51 @@ def add_output_args(parser: argparse.ArgumentParser, *, required: bool = False, 
     parser.add_argument("-o", "--output", required=required, default=None, help=help)
 
 
-def add_precision_args(parser: argparse.ArgumentParser) -> None:
+def add_precision_args(parser: argparse.ArgumentParser, *, what: str = "Run in") -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--fp16", dest="dtype", action="store_const", const="float16", help="Run in float16.")
-    group.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help="Run in bfloat16.")
+    group.add_argument("--fp16", dest="dtype", action="store_const", const="float16", help=f"{what} float16.")
+    group.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help=f"{what} bfloat16.")
     parser.set_defaults(dtype=None)
 
 
+def _option(convert, check):
+    """An argparse type: `convert` the text, then a moexport.core.options `check`; a value it refuses is
+    bad usage (exit 2), as argparse reports it."""
+
+    def parse(text: str):
+        try:
+            return check("value", convert(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        except MoexportError as error:
+            note = f": {error.note}" if error.note else ""
+            raise argparse.ArgumentTypeError(f"{text!r} {error.problem}{note}") from None
+
+    return parse
+
+
 def add_tolerance_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--atol", type=float, default=None, help="Absolute tolerance. Defaults to the dtype's.")
-    parser.add_argument("--rtol", type=float, default=None, help="Relative tolerance. Defaults to the dtype's.")
+    parser.add_argument("--atol", type=_option(float, check_tolerance), default=None,
+                        help="Absolute tolerance (>= 0). Defaults to the dtype's.")
+    parser.add_argument("--rtol", type=_option(float, check_tolerance), default=None,
+                        help="Relative tolerance (>= 0). Defaults to the dtype's.")
     parser.add_argument("--seed", type=int, default=None, help="Seed of the generated inputs. Defaults to 1.")
+
+
+def add_k_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=_option(int, check_count), default=None,
+                        help="Experts per token of a σ-MoE layer state dict (the file does not record it).")
 
 
 # ---- subcommands ---------------------------------------------------------------------------------
 # (each room's subcommand lives here, a few lines calling that room's public API)
 
-@subcommand(lambda p: (p.add_argument("checkpoint", help="Checkpoint folder or file."),
-                       p.add_argument("--k", type=int, default=None,
-                                      help="Experts per token of a σ-MoE layer state dict (not in the file).")))
+def _inspect_args(p):
+    p.add_argument("checkpoint", help="Checkpoint folder or file.")
+    add_k_arg(p)
+
+
+@subcommand(_inspect_args)
 def cmd_inspect(args):
     """Show a checkpoint's configuration, parameter count and per-layer FF FLOPs per token.
 
@@ -80,7 +117,7 @@ def cmd_inspect(args):
     """
     from moexport.checkpoints import describe, describe_table
 
-    _console(sys.stdout).print(describe_table(describe(args.checkpoint, k=args.k)))
+    console.print(describe_table(describe(args.checkpoint, k=args.k)))
 
 
 def _export_args(p):
@@ -97,7 +134,7 @@ def _export_args(p):
                    help="Add an output experts.<layer> (selected experts, int64) per σ-MoE layer.")
     p.add_argument("--memory", action="store_true", default=None,
                    help="Transformer-XL memory inputs memory.<i> and outputs new_memory.<i>.")
-    p.add_argument("--k", type=int, default=None, help="Experts per token of a σ-MoE layer state dict.")
+    add_k_arg(p)
 
 
 @subcommand(_export_args)
@@ -108,11 +145,14 @@ def cmd_export(args):
     """
     from moexport.checkpoints import load_checkpoint
     from moexport.exporter import export_onnx
+    from moexport.models import check_finite
 
-    path = export_onnx(load_checkpoint(args.checkpoint, k=args.k), args.output, mode=args.mode, dtype=args.dtype,
-                       opset=args.opset, dynamic=args.dynamic, routing_outputs=args.routing_outputs,
-                       memory=args.memory)
-    console.print(f"wrote {path}", highlight=False)
+    check_output_file(args.output)  # before loading: a bad path is found in a second, not after the trace
+    model = load_checkpoint(args.checkpoint, k=args.k)
+    check_finite(model, args.checkpoint)
+    path = export_onnx(model, args.output, mode=args.mode, dtype=args.dtype, opset=args.opset,
+                       dynamic=args.dynamic, routing_outputs=args.routing_outputs, memory=args.memory)
+    print_line(console, f"wrote {path}")
 
 
 def _fuse_args(p):
@@ -142,8 +182,8 @@ def cmd_fuse(args):
     output = args.output or str(Path(args.model).with_suffix(".fused.onnx"))
     archs = None if args.archs is None else tuple(args.archs)
     report = fuse(args.model, output, archs=archs, max_tokens=args.max_tokens, show_progress=None)
-    console.print(str(report), highlight=False)
-    console.print(f"wrote {output}", highlight=False)
+    for line in str(report).splitlines() + [f"wrote {output}"]:
+        print_line(console, line)
 
 
 def _build_args(p):
@@ -165,31 +205,39 @@ def cmd_build(args):
     missing = [n for n in names if not all(n in b for b in bounds)]
     if missing:
         raise MoexportError(f"input(s) {', '.join(sorted(missing))}", "need --min-shapes, --opt-shapes and --max-shapes")
-    output = args.output or str(Path(args.model).with_suffix(".engine"))
+    output = check_output_file(args.output or Path(args.model).with_suffix(".engine"))  # before the build
     engine = build_engine(args.model, output, dtype=args.dtype, shapes={n: tuple(b[n] for b in bounds) for n in names})
-    console.print(f"wrote {engine}", highlight=False)
+    print_line(console, f"wrote {engine}")
 
 
-@subcommand(lambda p: (p.add_argument("suite", help="Benchmark suite: kernels, onnx-cpu."),
-                       p.add_argument("suite_args", nargs=argparse.REMAINDER,
-                                      help="Options of the suite (see `moexport bench SUITE -h`).")))
+def _bench_args(p):
+    from moexport.bench import SUITES
+
+    p.add_argument("suite", choices=list(SUITES), help=f"Benchmark suite: {', '.join(SUITES)}.")
+    p.add_argument("suite_args", nargs=argparse.REMAINDER,
+                   help="Options of the suite (see `moexport bench SUITE -h`).")
+
+
+@subcommand(_bench_args)
 def cmd_bench(args):
-    """Run a benchmark suite; each writes a markdown + JSON table and a plot under bench/results.
+    """Run a benchmark suite; each writes a markdown + JSON table and a plot.
 
     kernels: σ-MoE forward on the Triton kernels against dense FFNs and torch._grouped_mm (GPU).
+    onnx-cpu: ONNX Runtime CPU latency of the three graph forms against PyTorch eager (into a fresh
+    folder under ./moexport-bench unless --out is given; prints the paths it wrote).
+    onnx-gpu: the fused layer on ONNX Runtime's CUDA provider with the compiled kernels (GPU).
     """
     import importlib
 
     from moexport.bench import SUITES
 
-    if args.suite not in SUITES:
-        raise MoexportError(f"bench suite {args.suite!r}", "is not known", f"use one of {', '.join(SUITES)}")
     return importlib.import_module(SUITES[args.suite]).main(args.suite_args)
 
 
 def _validate_args(p):
     p.add_argument("artifact", help="ONNX file or TensorRT engine (.plan / .engine) to check.")
     p.add_argument("--checkpoint", required=True, help="The checkpoint the artifact was exported from.")
+    add_k_arg(p)
     p.add_argument("--onnxrt", dest="runners", action="append_const", const="onnxrt",
                    help="Run the artifact in ONNX Runtime on the CPU (the default for ONNX files).")
     p.add_argument("--onnxrt-cuda", dest="runners", action="append_const", const="onnxrt-cuda",
@@ -198,11 +246,12 @@ def _validate_args(p):
                    help="Run the artifact in TensorRT (the default for engines).")
     p.add_argument("--shapes", default=None, help="Input shapes, e.g. 'input_ids:[1,128]'. "
                    "Dynamic dimensions default to batch 2, sequence 64.")
-    p.add_argument("--iterations", type=int, default=None, help="Random input sets. Defaults to 2.")
+    p.add_argument("--iterations", type=_option(int, check_count), default=None,
+                   help="Random input sets (>= 1). Defaults to 2.")
     p.add_argument("--no-text", dest="use_text", action="store_false", default=None,
                    help="Do not feed the shipped text sample (fed to byte-level LMs by default).")
     p.add_argument("--save-report", default=None, metavar="DIR", help="Write report.json and report.html to DIR.")
-    add_precision_args(p)
+    add_precision_args(p, what="Judge the artifact as")
     add_tolerance_args(p)
 
 
@@ -210,18 +259,19 @@ def _validate_args(p):
 def cmd_validate(args):
     """Check an ONNX file or TensorRT engine against the PyTorch model it was exported from.
 
-    Runs the PyTorch reference and every selected runtime on identical inputs (seeded random data and,
-    for byte-level LMs, the shipped text sample), checks every output against the dtype's tolerance,
-    max |err| <= atol + rtol * max |reference| (fp32 1e-5, fp16 1e-2, bf16 2e-2), and, for every
-    σ-MoE layer, compares the top-k expert sets token by token; a routing difference not explained
-    by a near-tie fails.
+    Runs the PyTorch reference (float32) and every selected runtime on identical inputs (seeded random
+    data and, for byte-level LMs, the shipped text sample), checks every output against the tolerance
+    of the artifact's dtype, max |err| <= atol + rtol * max |reference| (fp32 1e-5, fp16 1e-2, bf16
+    2e-2), and, for every σ-MoE layer, compares the top-k expert sets token by token: a routing
+    difference not explained by a near-tie fails. Where a near-tie went the other way, the outputs are
+    compared with the reference run on the artifact's routing.
     Exit status 3 when a check FAILED.
     """
     from moexport.validate import validate
 
     report = validate(args.artifact, args.checkpoint, runners=args.runners, dtype=args.dtype, shapes=args.shapes,
                       seed=args.seed, iterations=args.iterations, atol=args.atol, rtol=args.rtol,
-                      use_text=args.use_text, report_dir=args.save_report, verbose=args.verbose)
+                      use_text=args.use_text, report_dir=args.save_report, k=args.k, verbose=args.verbose)
     report.print(console)
     return EXIT_OK if report else EXIT_FAILED
 
@@ -236,17 +286,26 @@ def cmd_demo(args):
     """
     from moexport.demo import run_demo
 
-    rows = run_demo(args.checkpoint, output_dir=args.output, console=console)
+    rows = run_demo(args.checkpoint, output_dir=args.output, console=console, log=log)
     return EXIT_FAILED if any(r.failed for r in rows) else EXIT_OK
 
 
 # ---- entry point ---------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad usage reported like every other error: one `error:` line, exit status 2."""
+
+    def error(self, message: str):
+        print_line(log, Text.assemble(("error:", "red"), f" {self.prog}: {message} (see {self.prog} -h)"))
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moexport",
         description="Export σ-MoE / PKM / Top-K models to ONNX, ONNX Runtime and TensorRT, with proof of parity.",
     )
+    parser.add_argument("--version", action="version", version=f"moexport {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Show tracebacks of errors.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in sorted(SUBCOMMANDS, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
@@ -254,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         doc = inspect.cleandoc(fn.__doc__ or "")
         child = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        # -v after the subcommand too; SUPPRESS keeps a -v given before it.
+        child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="Show tracebacks of errors.")
         add_arguments(child)
         child.set_defaults(_run=fn)
     return parser
@@ -266,21 +328,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     started = time.perf_counter()
-    try:
-        status = args._run(args) or EXIT_OK
-    except MoexportError as error:
-        if args.verbose:
-            console.print_exception()
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        status = EXIT_ERROR
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
-        status = EXIT_ERROR
-    if args.command in {"validate", "demo"}:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            status = args._run(args) or EXIT_OK
+        except MoexportError as error:
+            if args.verbose:
+                log.print_exception()
+            print_line(log, Text.assemble(("error:", "red"), f" {error}"))
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            print_line(log, Text("interrupted", style="red"))
+            return EXIT_ERROR
+    if args.command in {"validate", "demo"}:  # a parity verdict: PASSED, or FAILED with exit status 3
         verdict = "PASSED" if status == EXIT_OK else "FAILED"
-        console.print(f"{verdict} | Runtime: {time.perf_counter() - started:.1f}s | Command: moexport "
-                      + " ".join(sys.argv[1:] if argv is None else argv), highlight=False, soft_wrap=True)
+        print_line(console, f"{verdict} | Runtime: {time.perf_counter() - started:.1f}s | Command: moexport "
+                            + " ".join(sys.argv[1:] if argv is None else argv))
     return status
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, without the source line of the library that raised them."""
+    print_line(log, Text.assemble(("warning:", "yellow"), f" {message}"))
 
 
 if __name__ == "__main__":

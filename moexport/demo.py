@@ -19,10 +19,12 @@ from typing import Callable
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from moexport.checkpoints import load_checkpoint
+from moexport.core.files import check_output_folder
 from moexport.core.progress import progress
+from moexport.core.tables import print_line, print_table
 from moexport.exporter import export_onnx, fuse
 from moexport.models import TransformerLM
 from moexport.plugins import ort_session
@@ -63,27 +65,29 @@ def default_checkpoint() -> tuple[torch.nn.Module, str]:
 
 
 def run_demo(checkpoint: str | os.PathLike | None = None, *, output_dir: str | os.PathLike | None = None,
-             console: Console | None = None) -> list[DemoRow]:
+             console: Console | None = None, log: Console | None = None) -> list[DemoRow]:
     """Run the whole pipeline and return one row per artifact (also printed as a table).
 
     Args:
         checkpoint: Any checkpoint `moexport.load_checkpoint` reads. Defaults to the shipped demo model.
-        output_dir: Folder for the ONNX files, engine and parity reports. Defaults to ./moexport-demo.
-        console: Where to print. Defaults to stderr.
+        output_dir: Folder for the ONNX files, engine and parity reports (checked before any work).
+            Defaults to ./moexport-demo.
+        console: Where the results go (fusion report, table, where the files are). Defaults to stdout.
+        log: Where progress goes (the model used; the progress bar is on stderr). Defaults to stderr.
     """
-    console = console or Console(stderr=True)
-    out = Path(output_dir or "moexport-demo")
-    out.mkdir(parents=True, exist_ok=True)
+    console, log = console or Console(), log or Console(stderr=True)
+    out = check_output_folder(output_dir or "moexport-demo")
     if checkpoint is None:
         model, label = default_checkpoint()
     else:
         model, label = load_checkpoint(checkpoint), str(checkpoint)
-    console.print(f"model: {label}")
+    print_line(log, f"model: {label}")
     ids = _demo_tokens(model)
+    out.mkdir(parents=True, exist_ok=True)
     rows: list[DemoRow] = []
     steps = ["export dispatch", "export portable", "fuse", "validate dispatch", "validate portable",
              "validate fused", "engine"]
-    with progress("demo", total=len(steps), enabled=True) as advance:
+    with progress("timing PyTorch", total=len(steps)) as advance:
         rows.append(DemoRow("checkpoint", "PyTorch eager", None, _torch_latency(model, ids), None, "—", "reference"))
         paths = {}
         for mode in ("dispatch", "portable"):
@@ -102,9 +106,7 @@ def run_demo(checkpoint: str | os.PathLike | None = None, *, output_dir: str | o
         advance(0, description="building an engine")
         rows.append(_engine_row(paths["portable"], model, out))
         advance()
-    console.print(f"fusion: {fuse_report}")
-    console.print(summary_table(rows, label))
-    console.print(f"artifacts and parity reports (JSON + HTML) in {out}/")
+    print_results(console, rows, label, fuse_report, out)
     return rows
 
 
@@ -164,18 +166,24 @@ def _engine_row(portable: Path, model: torch.nn.Module, out: Path) -> DemoRow:
     return DemoRow("portable engine", "TensorRT-RTX", size, None, None, "—", "built, not run*")
 
 
-def summary_table(rows: list[DemoRow], label: str) -> Table:
-    """The demo's rows as a rich table titled with the model's `label`."""
-    table = Table(title=f"moexport demo — {label}", caption=f"batch 1 × {DEMO_SEQ} tokens of the text sample; "
-                  "max abs err of the logits against PyTorch; routing: identical top-k sets"
-                  + ("; * TensorRT-RTX runs on RTX GPUs only" if any("*" in r.status for r in rows) else ""))
-    for column in ("artifact", "runtime", "MB", "ms", "max err", "routing", "status"):
-        table.add_column(column, no_wrap=True)
-    for r in rows:
-        style = "red" if r.failed else ("green" if r.status == "PASSED" else "")
-        table.add_row(r.artifact, r.runtime, _fmt(r.size_mb, ".1f"), _fmt(r.latency_ms, ".1f"),
-                      _fmt(r.max_abs_err, ".1e"), r.routing, f"[{style}]{r.status}[/{style}]" if style else r.status)
-    return table
+def print_results(console: Console, rows: list[DemoRow], label: str, fuse_report, out: Path) -> None:
+    """Print what the demo found: the fusion report, the summary table and where the files are."""
+    for line in str(fuse_report).splitlines():
+        print_line(console, f"fusion: {line}")
+    print_summary(console, rows, label)
+    print_line(console, f"artifacts and parity reports (JSON + HTML) in {out}/")
+
+
+def print_summary(console: Console, rows: list[DemoRow], label: str) -> None:
+    """Print the demo's rows as one table titled with the model's `label` (every value whole at any width)."""
+    caption = (f"batch 1 × {DEMO_SEQ} tokens of the text sample; max abs err of the logits against PyTorch;\n"
+               "routing: identical top-k sets" + ("; * TensorRT-RTX runs on RTX GPUs only"
+                                                  if any("*" in r.status for r in rows) else ""))
+    cells = [[r.artifact, r.runtime, _fmt(r.size_mb, ".1f"), _fmt(r.latency_ms, ".1f"), _fmt(r.max_abs_err, ".1e"),
+              r.routing, Text(r.status, style="red" if r.failed else ("green" if r.status == "PASSED" else ""))]
+             for r in rows]
+    columns = ("artifact", "runtime", "MB", "ms", "max err", "routing", "status")
+    print_table(console, f"moexport demo — {label}", columns, cells, caption=caption)
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from moexport.core.files import write_atomically
+from moexport.core.tables import print_line, print_table
 from moexport.validate.compare import OutputResult, RoutingResult
+
+MAX_PRINTED = 10  # disagreeing tokens printed; the saved report lists up to compare.MAX_EXAMPLES per layer
 
 
 @dataclass
@@ -38,42 +41,41 @@ class ValidationReport:
 
     def to_dict(self) -> dict:
         """The report as plain data (what report.json holds), routing with its derived fields."""
-        routing = [{**vars(r), "agreement": r.agreement, "unexplained": r.unexplained, "passed": r.passed}
-                   for r in self.routing]
+        routing = [{**vars(r), "agreement": r.agreement, "passed": r.passed} for r in self.routing]
         return {"artifact": self.artifact, "reference": self.reference, "dtype": self.dtype, "runners": self.runners,
                 "inputs": self.inputs, "passed": self.passed, "outputs": [vars(o) for o in self.outputs],
                 "routing": routing, "latency_ms": self.latency_ms, "notes": self.notes}
 
     def print(self, console: Console | None = None) -> None:
-        """Print the report as tables."""
+        """Print the report: tables and notes, every value whole at the console's width (see `print_table`)."""
         console = console or Console()
-        table = Table(title=f"Parity of {self.artifact} against {self.reference} ({self.dtype})")
-        for column in ("runner", "output", "max abs err", "max err / max|ref|", "mean abs err", "atol / rtol",
-                       "status"):
-            table.add_column(column, no_wrap=True)
+        rows = [[o.runner, o.output, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.mean_abs:.3g}",
+                 f"{o.atol:g} / {o.rtol:g}", _status(o.passed)] for o in self.outputs]
+        title = f"Parity of {self.artifact} ({self.dtype}) against {self.reference} (PyTorch, float32)"
+        columns = ("runner", "output", "max |err|", "relative", "mean |err|", "atol / rtol", "status")
+        print_table(console, title, columns, rows,
+                    caption="relative = max |err| / max |reference|; an output passes when "
+                            "max |err| <= atol + rtol * max |reference|", hoist=("runner",))
         for o in self.outputs:
-            table.add_row(o.runner, o.output, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.mean_abs:.3g}",
-                          f"{o.atol:g} / {o.rtol:g}", _status(o.passed))
-        console.print("  an output passes when max |err| <= atol + rtol * max |reference|", highlight=False)
-        console.print(table)
+            if o.rerouted:
+                print_line(console, f"  Note: {o.runner} routed near-ties to other experts on {o.rerouted} "
+                                    f"input(s); there its {o.output} were compared with the PyTorch reference run "
+                                    f"on that routing (with the reference's own routing: max |err| "
+                                    f"{o.max_abs_own_routing:.3g}, the other experts' outputs)")
         if self.routing:
-            table = Table(title="Routing agreement (identical top-k expert sets)")
-            for column in ("runner", "layer", "tokens", "agreement", "near-ties", "downstream", "unexplained",
-                           "status"):
-                table.add_column(column, no_wrap=column != "layer")
-            for r in self.routing:
-                table.add_row(r.runner, r.layer or "(layer)", str(r.tokens), f"{100 * r.agreement:.2f}%",
-                              str(r.near_ties), str(r.downstream), str(r.unexplained), _status(r.passed))
-            console.print(table)
-            for r in self.routing:
-                for ex in r.examples:
-                    kind = {"near-tie": "near-tie", "downstream": "after an earlier layer's difference",
-                            "unexplained": "[red]UNEXPLAINED[/red]"}[ex["kind"]]
-                    console.print(f"  {kind}: {r.runner} layer {r.layer or '(layer)'} input {ex['iteration']} "
-                                  f"token {ex['token']}: reference experts {ex['reference']}, runner {ex['runner']}, "
-                                  f"top-k margin {ex['margin']:.3g} (near-tie below {r.tie_margin:g})")
+            rows = [[r.runner, r.layer or "(layer)", str(r.tokens), f"{100 * r.agreement:.2f}%", str(r.near_ties),
+                     str(r.downstream), str(r.unexplained), _status(r.passed)] for r in self.routing]
+            print_table(console, "Routing agreement (identical top-k expert sets)",
+                        ("runner", "layer", "tokens", "agreement", "near-ties", "downstream", "unexplained",
+                         "status"), rows, hoist=("runner",))
+            examples = [(r, ex) for r in self.routing for ex in r.examples]
+            for r, ex in examples[:MAX_PRINTED]:
+                print_line(console, _example_line(r, ex))
+            if len(examples) > MAX_PRINTED:
+                more = len(examples) - MAX_PRINTED
+                print_line(console, f"  … and {more} more in the saved report (--save-report)")
         for note in self.notes:
-            console.print(f"  Note: {note}")
+            print_line(console, f"  Note: {note}")
 
     def save(self, folder: str | os.PathLike) -> dict[str, Path]:
         """Write report.json and report.html into `folder`; returns their paths."""
@@ -105,8 +107,22 @@ dtype {self.dtype}; runners {html.escape(", ".join(self.runners))}; inputs {html
 <h2>Notes</h2><ul>{notes}</ul></body></html>"""
 
 
-def _status(passed: bool) -> str:
-    return "[green]PASSED[/green]" if passed else "[red]FAILED[/red]"
+def _status(passed: bool) -> Text:
+    return Text("PASSED", style="green") if passed else Text("FAILED", style="red")
+
+
+def _example_line(r: RoutingResult, ex: dict) -> Text:
+    """One disagreeing token: where, which experts, and what explains it (or that nothing does)."""
+    where = (f"{r.runner} layer {r.layer or '(layer)'} input {ex['iteration']} token {ex['token']}: "
+             f"reference experts {ex['reference']}, {r.runner} {ex['runner']}")
+    if ex["kind"] == "near-tie":
+        return Text(f"  near-tie: {where}; top-k margin {ex['margin']:.3g} is below {r.tie_margin:g}")
+    if ex["kind"] == "downstream":
+        return Text(f"  after an earlier layer's difference: {where}, which the reference picks too on "
+                    f"{r.runner}'s routing of the layers before")
+    why = ("an exact tie broken against the routing rule (the lower expert index wins)" if ex["margin"] == 0
+           else f"top-k margin {ex['margin']:.3g} is not below {r.tie_margin:g}")
+    return Text.assemble("  ", ("UNEXPLAINED", "red"), f": {where}; {why}")
 
 
 def _html_table(columns: list[str], rows: list[dict]) -> str:

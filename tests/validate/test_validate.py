@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,8 +199,10 @@ def test_bad_input_is_one_clear_error(lm, lm_dispatch, tmp_path):
         validate(tmp_path / "model.plan", lm)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "moexport.cli", *map(str, args)], capture_output=True, text=True)
+def run_cli(*args, columns: int | None = None):
+    env = {**os.environ, **({"COLUMNS": str(columns)} if columns else {})}
+    return subprocess.run([sys.executable, "-m", "moexport.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env)
 
 
 @pytest.mark.slow
@@ -211,9 +214,9 @@ def test_cli_exit_status_says_passed_or_failed(lm, lm_dispatch, tmp_path):
     save_checkpoint(changed, tmp_path / "changed")
     ok = run_cli("validate", lm_dispatch, "--checkpoint", tmp_path / "good", "--save-report", tmp_path / "r")
     assert ok.returncode == 0, ok.stderr
-    assert "PASSED | Runtime" in ok.stderr and (tmp_path / "r" / "report.html").is_file()
+    assert "PASSED | Runtime" in ok.stdout and (tmp_path / "r" / "report.html").is_file()
     bad = run_cli("validate", lm_dispatch, "--checkpoint", tmp_path / "changed")
-    assert bad.returncode == 3 and "FAILED" in bad.stderr
+    assert bad.returncode == 3 and "FAILED" in bad.stdout
     missing = run_cli("validate", tmp_path / "nope.onnx", "--checkpoint", tmp_path / "good")
     assert missing.returncode == 1 and "nope.onnx | does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
@@ -261,3 +264,13 @@ def test_a_float16_file_with_one_corrupted_expert_fails(shipped, shipped_fp16, t
     assert not logits.passed and logits.max_abs > logits.atol + logits.rtol * logits.scale
     assert all(r.passed for r in report.routing[:3])  # the routers are intact; only the expert's output is off
 
+
+@pytest.mark.slow
+def test_the_cli_passes_the_shipped_float16_export_and_its_piped_report_is_whole(shipped_fp16):
+    done = run_cli("validate", shipped_fp16, "--checkpoint", SHIPPED, columns=80)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1].startswith("PASSED | Runtime") and done.stderr == ""
+    assert "…" not in done.stdout and "float16" in lines[0]
+    for layer in range(4):  # every routing row keeps its layer name, whatever the width
+        assert any(f"layers.{layer}.ffn" in line for line in lines)
