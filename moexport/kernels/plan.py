@@ -111,7 +111,7 @@ class MoEShape:
 
 
 def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: bool = False,
-                fill: str | None = None, fill_row: str | None = None, count: str | None = None,
+                experts: str | None = None, fill: str | None = None, fill_row: str | None = None, count: str | None = None,
                 count_cols: int = 1, cfg: dict | None = None, configs: Configs) -> Step:
     """Routing of N tokens; also sets the rows of `fill` [N, v_dim] that the expert kernels add into
     to the vector `fill_row` (or zeros) and zeroes their int32 counters `count` [N, count_cols].
@@ -123,7 +123,7 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
         "routing.route_kernel", (f"cdiv(N, {cfg['BLOCK_N']})",),
         {"x_ptr": "x" if has_x else None, "sel_ptr": "expert_sel" if has_x else None,
          "logits_ptr": "logits" if (not has_x or logits_out) else None,
-         "gate_ptr": "gate", "expert_ptr": "expert", "counts_ptr": "counts" if counts else None,
+         "gate_ptr": "gate", "expert_ptr": "expert", "counts_ptr": "counts" if counts else None, "experts_ptr": experts,
          "fill_ptr": fill, "fill_row_ptr": fill_row, "count_ptr": count, "N": "N"},
         {"E": s.n_experts, "D": s.d, "K": s.k, "SELECTION": SELECTION_CODES[s.selection], "HAS_X": has_x,
          "STORE_LOGITS": logits_out, "STORE_COUNTS": counts, "FILL_COLS": s.v_dim, "COUNT_COLS": count_cols,
@@ -245,7 +245,7 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None, exper
     """Inference forward of a σ-MoE layer for token counts in n_tokens' bucket, with the configs
     of `configs` (a table of measured ones; defaults to the shipped table) or the defaults. With
     `expert_output`, the plan also outputs each token's experts, best first (`experts` [N, k] int64:
-    what the ONNX op's optional second output holds), copied by one more launch.
+    what the ONNX op's optional second output holds), which the route kernel writes beside its own.
 
     The config of the bucket (`configs.experts_config`) picks one of three sequences:
 
@@ -287,7 +287,7 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None, exper
         prepare = {}
         workspace = (Buffer("acc", "float32", ("N", str(dv)), zero=True),)
     route = _route_step(s, n, source="x", counts=mode != "gather", cfg=cfg.get("route"), configs=configs,
-                        **prepare)
+                        experts="experts" if expert_output else None, **prepare)
     if mode == "gather":
         step = _experts_step(s, n, cfg, dispatched=False, **out)
         steps = (route, step)
@@ -310,8 +310,6 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None, exper
     outputs = (Buffer("y", s.dtype, ("N", str(dv))),)
     if expert_output:
         outputs += (Buffer("experts", "int64", ("N", str(s.k))),)
-        steps += (Step("routing.widen_kernel", (f"cdiv(N * {s.k}, 1024)",),
-                       {"src_ptr": "expert", "dst_ptr": "experts", "n": f"N * {s.k}"}, {"BLOCK": 1024}, 4, 1),)
     return Plan("sigma_moe", _layer_inputs(s), outputs, workspace, steps, derived=(("S", f"N * {s.k}"),),
                 max_tokens=n, notes={"mode": mode, "finish": finish, "config": cfg})
 

@@ -28,8 +28,8 @@ from moexport.kernels._jit import let_dependents_start, mma
 def route_kernel(
     # inputs: tokens and router weight (HAS_X), or precomputed float32 logits
     x_ptr, sel_ptr, logits_ptr,
-    # outputs
-    gate_ptr, expert_ptr, counts_ptr,
+    # outputs (experts_ptr: optional, the indices again as int64, as the SigmaMoE op outputs them)
+    gate_ptr, expert_ptr, counts_ptr, experts_ptr,
     # prepared for the expert kernels: [N, FILL_COLS] rows they add into (filled with fill_row, or
     # zeros), int32 [N, COUNT_COLS] contribution counters (zeroed)
     fill_ptr, fill_row_ptr, count_ptr,
@@ -74,6 +74,8 @@ def route_kernel(
     out_ok = row_ok[:, None] & (kk[None, :] < K)
     tl.store(gate_ptr + out, gate, mask=out_ok)
     tl.store(expert_ptr + out, top_i, mask=out_ok)
+    if experts_ptr is not None:
+        tl.store(experts_ptr + out, top_i.to(tl.int64), mask=out_ok)
     if STORE_COUNTS:
         counts = tl.sum((taken & row_ok[:, None] & col_ok[None, :]).to(tl.int32), axis=0)
         tl.store(counts_ptr + pid * E + cols, counts, mask=col_ok)
@@ -177,13 +179,6 @@ def dispatch_kernel(
         tl.store(sorted_expert_ptr + pos, ex, mask=ok)
         tl.store(sorted_slot_ptr + pos, slots, mask=ok)
         running += tl.sum(onehot, axis=0)
-
-
-@triton.jit
-def widen_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    """dst[i] = src[i] for i < n, int32 to int64: the expert indices as the SigmaMoE op outputs them."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_ptr + i, tl.load(src_ptr + i, mask=i < n).to(tl.int64), mask=i < n)
 
 
 @triton.jit
