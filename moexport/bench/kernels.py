@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moexport.bench.report import write_results
+from moexport.bench.report import results_folder, write_results
 from moexport.core.errors import MoexportError
 
 SHAPES = {  # name: (d_model, n_experts, expert_size, k)
@@ -323,7 +323,8 @@ def cells_of(args: argparse.Namespace, program: str) -> list[tuple[str, int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moexport bench kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-o", "--output", default=None, help="Results folder. Defaults to bench/results.")
+    parser.add_argument("-o", "--output", default=None,
+                        help="Results folder. Defaults to a fresh ./moexport-bench/kernels-<date>-<time>.")
     parser.add_argument("--name", default=None, help="File stem. Defaults to kernels_<gpu>, e.g. kernels_h200.")
     parser.add_argument("--no-graph", action="store_true", help="Do not time the CUDA-graph replays.")
     add_cell_options(parser)
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
            "L2 flush": args.flush,
            "configs": f"tuned in this call ({Path(args.configs).name})" if args.configs else "shipped"}
     name = args.name or "kernels_" + gpu.split()[-1].lower()
-    paths = write_results(name, rows, columns=COLUMNS, out_dir=Path(args.output or "bench/results"),
+    paths = write_results(name, rows, columns=COLUMNS, out_dir=results_folder(args.output, "kernels"),
                           title="σ-MoE FFN forward: moexport kernels vs baselines", notes=NOTES,
                           environment=env, plot=_plot)
     print(json.dumps({k: str(v) for k, v in paths.items()}))

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moexport.bench.report import write_results
-from moexport.core.files import check_output_folder
+from moexport.bench.report import results_folder, write_results
 from moexport.core.progress import progress
 from moexport.exporter import export_onnx, fuse
 from moexport.models import SigmaMoE, from_preset
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Start timing once the 1-minute load average is below this. Defaults to 1.0.")
     parser.add_argument("--patience", type=float, default=900, help="Seconds to wait for that. Defaults to 900.")
     args = parser.parse_args(argv)
-    out = check_output_folder(args.out or Path("moexport-bench") / time.strftime("onnx-cpu-%Y%m%d-%H%M%S"))
+    out = results_folder(args.out, "onnx-cpu")
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     tokens = args.tokens

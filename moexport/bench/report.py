@@ -52,3 +52,11 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], *, columns: Sequenc
         paths["png"] = out / f"{name}.png"
         plot(rows, paths["png"])
     return paths
+
+
+def results_folder(out: str | os.PathLike | None, suite: str) -> Path:
+    """Where a suite writes: `out`, checked, or a fresh ./moexport-bench/<suite>-<date>-<time> (never the
+    checkout's committed bench/results unless asked for)."""
+    from moexport.core.files import check_output_folder
+
+    return check_output_folder(out or Path("moexport-bench") / time.strftime(f"{suite}-%Y%m%d-%H%M%S"))
