@@ -103,18 +103,25 @@ def add_k_arg(parser: argparse.ArgumentParser) -> None:
 # (each room's subcommand lives here, a few lines calling that room's public API)
 
 def _inspect_args(p):
-    p.add_argument("checkpoint", help="Checkpoint folder or file.")
+    p.add_argument("checkpoint", help="Checkpoint folder or file, or an ONNX file.")
     add_k_arg(p)
 
 
 @subcommand(_inspect_args)
 def cmd_inspect(args):
-    """Show a checkpoint's configuration, parameter count and per-layer FF FLOPs per token.
+    """Show a checkpoint's configuration, parameter count and per-layer FF FLOPs per token, or what an
+    ONNX file holds of the moexport op set.
 
     FLOPs per token of every feed-forward layer: active (what the layer computes) against the
     parameter-equal dense FFN. Reads moexport folders, the paper's training checkpoints and σ-MoE
-    layer state dicts; never runs code from the file.
+    layer state dicts; never runs code from the file. For an .onnx file: its moexport nodes, the
+    compiled kernels it carries (targets, bytes, the nodes sharing each bundle) and where its nodes run.
     """
+    if str(args.checkpoint).endswith(".onnx"):
+        from moexport.plugins.inspect import describe_onnx, describe_onnx_table
+
+        console.print(describe_onnx_table(describe_onnx(args.checkpoint)))
+        return
     from moexport.checkpoints import describe, describe_table
 
     console.print(describe_table(describe(args.checkpoint, k=args.k)))

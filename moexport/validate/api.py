@@ -22,6 +22,8 @@ from moexport.core.options import check_count, check_tolerance
 from moexport.core.shapes import parse_shapes
 from moexport.exporter.forms import routing_name
 from moexport.models import check_finite
+from moexport.opset import DOMAIN
+from moexport.plugins import compiled_calls
 from moexport.validate.compare import compare_numeric, compare_routing, explained_only, follow_routing
 from moexport.validate.inputs import concrete_metadata, make_inputs
 from moexport.validate.report import ValidationReport
@@ -112,7 +114,9 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
         with _polygraphy_log(verbose):
             feeds = make_inputs(metadata, seed=seed, iterations=iterations,
                                 vocab_size=getattr(model, "vocab_size", None), use_text=use_text is not False)
+            compiled_before = compiled_calls()
             results = Comparator.run([torch_runner, *artifact_runners], data_loader=feeds)
+            compiled = compiled_calls() - compiled_before
             followed = follow_routing(torch_runner, feeds, results)
             routing = compare_routing(results, tolerance=tolerance, reference=torch_runner.name, followed=followed)
             followed = explained_only(followed, results, torch_runner.name, routing)
@@ -122,12 +126,29 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
         inputs=[f"{iterations} x random (seed {seed})"] + (["text sample"] if len(feeds) > iterations else []),
         outputs=numeric, routing=routing,
         latency_ms={name: 1e3 * statistics.median(it.runtime for it in iters) for name, iters in results})
+    if not is_engine:
+        report.notes += _execution_notes(runners, source, compiled)
     if routing_names and not routing_names & set(outputs or []):
         report.notes.append("the artifact exposes no expert indices, so routing agreement was not checked; "
                             "export with routing outputs (moexport export --routing-outputs)")
     if report_dir is not None:
         report.save(report_dir)
     return report
+
+
+def _execution_notes(runners: list[str], source, compiled: int) -> list[str]:
+    """Where each ONNX Runtime runner ran the moexport nodes: compiled kernels or function bodies."""
+    proto = source if isinstance(source, onnx.ModelProto) else load_model(source, load_external_data=False)
+    if not any(node.domain == DOMAIN for node in proto.graph.node):
+        return []
+    notes = []
+    if "onnxrt" in runners:
+        notes.append("onnxrt (CPU) ran the moexport nodes on their function bodies")
+    if "onnxrt-cuda" in runners:
+        notes.append(f"onnxrt-cuda ran the moexport nodes on the compiled kernels ({compiled} node executions)"
+                     if compiled else "onnxrt-cuda ran the moexport nodes on their function bodies (the file "
+                     "carries no compiled kernels: moexport fuse --arch SM attaches them)")
+    return notes
 
 
 def _reference_model(checkpoint, k: int | None) -> tuple[torch.nn.Module, str]:

@@ -111,3 +111,13 @@ def test_a_layer_with_one_of_its_biases_gets_zeros_for_the_other(tmp_path):
     x = np.random.default_rng(0).standard_normal((1, 3, 16)).astype(np.float32)
     np.testing.assert_array_equal(ort_session(tmp_path / "no_obias.onnx").run(None, {"x": x})[0],
                                   ort_session(tmp_path / "out.onnx").run(None, {"x": x})[0])
+
+
+def test_inspect_reports_the_kernels_a_file_carries(lm_files, capsys):
+    from moexport.cli import main
+
+    assert main(["inspect", str(lm_files[2])]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "2 SigmaMoE" in shown and "sm_90" in shown and "compiled kernels" in shown
+    assert main(["inspect", str(lm_files[1])]) == 0
+    assert "function bodies (no compiled kernels" in " ".join(capsys.readouterr().out.split())

@@ -58,6 +58,7 @@ def test_untouched_export_passes_with_full_routing_agreement(lm, lm_dispatch, tm
     assert all(o.max_abs < 1e-4 for o in report.outputs)
     assert {r.layer for r in report.routing} == {"layers.0.ffn", "layers.1.ffn"}
     assert all(r.agreement == 1.0 and r.tokens == 3 * 2 * 64 for r in report.routing)  # 2 random + text
+    assert "onnxrt (CPU) ran the moexport nodes on their function bodies" in report.notes
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["passed"] is True and "PASSED" in (tmp_path / "report.html").read_text()
 
