@@ -8,7 +8,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NATIVE = ["moexport/native/json.cpp", "moexport/native/expr.cpp", "moexport/native/cuda_driver.cpp",
-          "moexport/native/bundle.cpp", "moexport/native/capi.cpp"]
+          "moexport/native/bundle.cpp", "moexport/native/ops.cpp", "moexport/native/capi.cpp"]
 
 
 class SharedLibrary(Extension):
@@ -17,7 +17,7 @@ class SharedLibrary(Extension):
     def __init__(self, name: str, sources: list[str], include_dirs: list[str]):
         super().__init__(name, sources=NATIVE + sources, include_dirs=include_dirs, language="c++",
                          extra_compile_args=["-std=c++17", "-O2", "-g0", "-fvisibility=hidden", "-Wall"],
-                         extra_link_args=["-s"],
+                         extra_link_args=["-s", "-Wl,--no-undefined"],  # every symbol resolved when built
                          libraries=["dl"], optional=True)
 
 

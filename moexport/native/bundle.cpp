@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "error.h"
@@ -82,7 +83,9 @@ std::shared_ptr<const Bundle> Bundle::parse(const void* data, size_t size) {
   bundle->select_ = m["select"].as_string("select");
   for (const Json& name : m["op_inputs"].items("op_inputs")) bundle->input_names_.push_back(name.as_string());
   for (const Json& name : m["op_outputs"].items("op_outputs")) bundle->output_names_.push_back(name.as_string());
-  bundle->blobs_.assign(bytes + 16 + length, bytes + size);
+  bundle->bytes_.assign(bytes, bytes + size);
+  bundle->blobs_ = 16 + length;
+  const size_t blob_bytes = size - bundle->blobs_;
 
   for (const Json& k : m["kernels"].items("kernels")) {
     KernelSpec kernel;
@@ -100,12 +103,17 @@ std::shared_ptr<const Bundle> Bundle::parse(const void* data, size_t size) {
       image.shared = static_cast<unsigned>(i["shared"].as_int("image shared"));
       image.hidden_pointers = static_cast<int>(i["hidden_pointers"].as_int("image hidden_pointers"));
       image.pdl = i["pdl"].as_bool("image pdl");
-      if (image.offset > bundle->blobs_.size() || image.size > bundle->blobs_.size() - image.offset)
+      if (image.offset > blob_bytes || image.size > blob_bytes - image.offset)
         throw Error(cat("the kernel bundle is truncated (kernel ", kernel.name, " lies beyond its end)"));
       kernel.images.push_back(image);
     }
     bundle->kernels_.push_back(std::move(kernel));
   }
+  // what follows the last image is not the bundle's (a host may hand it over with a terminator)
+  size_t end = 0;
+  for (const auto& kernel : bundle->kernels_)
+    for (const auto& image : kernel.images) end = std::max(end, image.offset + image.size);
+  bundle->bytes_.resize(bundle->blobs_ + end);
 
   int64_t previous = 0;
   for (const Json& p : m["plans"].items("plans")) {
@@ -165,7 +173,7 @@ std::string Bundle::targets() const {
 }
 
 std::vector<char> Bundle::image_bytes(const ImageSpec& image) const {
-  const char* start = blobs_.data() + image.offset;
+  const char* start = bytes_.data() + blobs_ + image.offset;
   if (image.raw_size == image.size) return std::vector<char>(start, start + image.size);
   std::vector<char> out(image.raw_size);
   unsigned long length = image.raw_size;
@@ -231,17 +239,21 @@ Call Bundle::prepare(const std::vector<TensorArg>& inputs) const {
   if (chosen == nullptr)
     throw Error(cat(tokens, " tokens is more than the compiled kernels were built for (", plans_.back().max_tokens,
                     "); fuse the model again with a larger --max-tokens"));
+  return prepare(*chosen, inputs);
+}
+
+Call Bundle::prepare(const PlanSpec& plan, const std::vector<TensorArg>& inputs) const {
   Call call;
-  call.plan = chosen;
-  call.symbols = bind(*chosen, inputs);
+  call.plan = &plan;
+  call.symbols = bind(plan, inputs);
   for (const std::string& name : output_names_) {
     Shape shape;
-    for (const auto& spec : chosen->outputs)
+    for (const auto& spec : plan.outputs)
       if (spec.name == name)
         for (const Expr& e : spec.shape) shape.push_back(e.eval(call.symbols));
     call.output_shapes.push_back(shape);
   }
-  for (const auto& spec : chosen->workspace) {
+  for (const auto& spec : plan.workspace) {
     Shape shape;
     for (const Expr& e : spec.shape) shape.push_back(e.eval(call.symbols));
     call.workspace_offsets.push_back(call.workspace_bytes);

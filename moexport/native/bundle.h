@@ -104,6 +104,11 @@ class Bundle {
   // Chooses the plan and sizes a call from its inputs (by op input). Throws Error naming the input
   // whose presence, dtype or shape does not fit, or a token count beyond every plan.
   Call prepare(const std::vector<TensorArg>& inputs) const;
+  // Sizes a call of `plan` (one of plans()) from its inputs, whatever their token count.
+  Call prepare(const PlanSpec& plan, const std::vector<TensorArg>& inputs) const;
+
+  // The bundle as it was given (what a host serialises with its node).
+  const std::vector<char>& bytes() const { return bytes_; }
 
   // The (decompressed) bytes of one image.
   std::vector<char> image_bytes(const ImageSpec& image) const;
@@ -114,7 +119,8 @@ class Bundle {
   std::vector<std::string> input_names_, output_names_;
   std::vector<KernelSpec> kernels_;
   std::vector<PlanSpec> plans_;
-  std::vector<char> blobs_;
+  std::vector<char> bytes_;
+  size_t blobs_ = 0;  // where the images start in bytes_
 
   Symbols bind(const PlanSpec& plan, const std::vector<TensorArg>& inputs) const;
 };

@@ -7,16 +7,24 @@
 #include <cstdint>
 #include <string>
 
+// The driver's handles are pointers to these global structs, as cuda.h (and the CUDA runtime's
+// cudaStream_t) declare them: declared here, they are one type in every file, whichever CUDA or
+// TensorRT header a file included first.
+struct CUctx_st;
+struct CUmod_st;
+struct CUfunc_st;
+struct CUstream_st;
+
 namespace moexport {
 namespace cuda {
 
 using Result = int;  // CUresult; 0 is CUDA_SUCCESS
 using Device = int;
 using DevicePtr = unsigned long long;
-using Context = struct CUctx_st*;
-using Module = struct CUmod_st*;
-using Function = struct CUfunc_st*;
-using Stream = struct CUstream_st*;
+using Context = CUctx_st*;
+using Module = CUmod_st*;
+using Function = CUfunc_st*;
+using Stream = CUstream_st*;
 
 constexpr int kFuncAttributeMaxDynamicSharedSizeBytes = 8;
 constexpr int kDeviceAttributeComputeCapabilityMajor = 75;

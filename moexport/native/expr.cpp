@@ -35,13 +35,6 @@ int64_t floor_div(int64_t a, int64_t b) {
   return q;
 }
 
-struct Expr::Node {
-  enum class Op { Constant, Symbol, Add, Sub, Mul, FloorDiv, Neg, Cdiv, Min, Max } op;
-  int64_t value = 0;
-  std::string name;
-  std::shared_ptr<const Node> a, b;
-};
-
 namespace {
 
 using NodePtr = std::shared_ptr<const Expr::Node>;
@@ -189,9 +182,11 @@ Expr Expr::constant(int64_t value) {
   return expr;
 }
 
-int64_t Expr::eval(const Symbols& symbols) const {
+const Expr::Node& Expr::root() const {
   if (!root_) throw Error("empty plan expression");
-  return eval_node(*root_, symbols);
+  return *root_;
 }
+
+int64_t Expr::eval(const Symbols& symbols) const { return eval_node(root(), symbols); }
 
 }  // namespace moexport

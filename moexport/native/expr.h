@@ -34,7 +34,15 @@ class Expr {
   const std::string& bare_symbol() const { return bare_; }
   const std::string& text() const { return text_; }
 
-  struct Node;
+  // The parsed tree, for hosts that evaluate it over something else than integers (TensorRT's
+  // symbolic dimensions); eval() is its meaning.
+  struct Node {
+    enum class Op { Constant, Symbol, Add, Sub, Mul, FloorDiv, Neg, Cdiv, Min, Max } op;
+    int64_t value = 0;  // Constant
+    std::string name;   // Symbol
+    std::shared_ptr<const Node> a, b;
+  };
+  const Node& root() const;
 
  private:
   std::shared_ptr<const Node> root_;

@@ -9,8 +9,6 @@
 // Written against the ONNX Runtime C API of version 1.21 (vendored headers); loads in 1.21 and newer.
 #include <atomic>
 #include <climits>
-#include <cstring>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -20,63 +18,31 @@
 
 #include "../native/bundle.h"
 #include "../native/error.h"
+#include "../native/ops.h"
 
 namespace {
 
-using moexport::Bundle;
-using moexport::Call;
+using moexport::AttributeSpec;
 using moexport::Error;
 using moexport::Launcher;
+using moexport::OpSpec;
 using moexport::TensorArg;
 using moexport::cat;
+
+using moexport::kSigmaMoE;
 
 const OrtApi* g_api = nullptr;
 std::atomic<uint64_t> g_compiled_calls{0};
 
-constexpr ONNXTensorElementDataType kAny = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-
-struct Port {
-  const char* name;
-  ONNXTensorElementDataType type;  // kAny: the op's T, checked against the kernels at run time
-  bool optional;
-};
-
-// An attribute the kernels were compiled for, with the op set's default for a node without it.
-struct Attribute {
-  const char* name;
-  const char* string_default;  // nullptr: an integer attribute
-  int64_t int_default;
-};
-
-struct OpDef {
-  const char* name;
-  std::vector<Port> inputs;  // the last one is always "kernels": the bundle, in CPU memory
-  std::vector<Port> outputs;
-  std::vector<Attribute> attributes;  // compared with the bundle's config
-};
-
-const OpDef kSigmaMoE{"SigmaMoE",
-                      {{"x", kAny, false}, {"expert_sel", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false},
-                       {"keys", kAny, false}, {"values", kAny, false}, {"bias", kAny, true},
-                       {"o_bias", kAny, true}, {"kernels", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true}},
-                      {{"y", kAny, false}, {"expert", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, true}},
-                      {{"k", nullptr, 1}, {"selection", "sigmoid", 0}, {"activation", "relu", 0}}};
-const OpDef kTopKDispatch{"TopKDispatch",
-                          {{"logits", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false},
-                           {"kernels", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true}},
-                          {{"gate", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false},
-                           {"expert", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false},
-                           {"sorted_expert", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false},
-                           {"sorted_slot", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false}},
-                          {{"k", nullptr, 1}, {"selection", "sigmoid", 0}}};
-const OpDef kCVMM{"CVMM",
-                  {{"x", kAny, false}, {"sorted_expert", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false},
-                   {"src_row", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false},
-                   {"dst_row", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false}, {"W", kAny, false},
-                   {"gate", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true},
-                   {"kernels", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true}},
-                  {{"out", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false}},
-                  {{"reduce", nullptr, 0}, {"k", nullptr, 1}}};
+// A port's element type as ONNX Runtime declares it: the op's T is left open (checked against the
+// kernels at run time).
+ONNXTensorElementDataType element_type(const char* dtype) {
+  const std::string name = dtype;
+  if (name == "float32") return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (name == "int32") return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+  if (name == "int64") return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
 
 // ---- ONNX Runtime API helpers -------------------------------------------------------------------
 
@@ -131,7 +97,7 @@ std::string node_name(const OrtKernelInfo* info) {
 }
 
 // The node's value of an attribute as text, or the op set's default where the node has none.
-std::string attribute(const OrtKernelInfo* info, const Attribute& spec) {
+std::string attribute(const OrtKernelInfo* info, const AttributeSpec& spec) {
   if (spec.string_default == nullptr) {
     int64_t value = spec.int_default;
     if (OrtStatus* absent = g_api->KernelInfoGetAttribute_int64(info, spec.name, &value)) g_api->ReleaseStatus(absent);
@@ -148,45 +114,24 @@ std::string attribute(const OrtKernelInfo* info, const Attribute& spec) {
   return value;
 }
 
-std::string config_text(const moexport::Json& value) {
-  if (value.is_string()) return value.as_string();
-  if (value.kind() == moexport::Json::Kind::Bool) return value.as_bool() ? "1" : "0";
-  return std::to_string(value.as_int());
-}
-
-// ---- bundles shared by the nodes of one configuration ---------------------------------------------
-
-std::shared_ptr<Launcher> shared_launcher(const void* data, size_t size) {
-  static std::mutex mutex;
-  static std::map<std::string, std::weak_ptr<Launcher>> launchers;
-  auto bundle = Bundle::parse(data, size);
-  std::lock_guard<std::mutex> lock(mutex);
-  std::shared_ptr<Launcher> launcher = launchers[bundle->key()].lock();
-  if (!launcher) {
-    launcher = std::make_shared<Launcher>(bundle);
-    launchers[bundle->key()] = launcher;
-  }
-  return launcher;
-}
-
 // ---- the kernel ---------------------------------------------------------------------------------
 
 struct Kernel {
   using Shape = moexport::Shape;
 
-  const OpDef* def = nullptr;
+  const OpSpec* def = nullptr;
   bool cuda = true;  // else the CPU execution provider's: checked like the CUDA one, then refused
   std::string where;  // "node 'name' (SigmaMoE)", how errors start
   std::shared_ptr<Launcher> launcher;
   OrtAllocator* allocator = nullptr;
-  size_t kernels_input = 0;
+  size_t kernels_input = 0;  // the index of 'kernels', after the op's own inputs
 
   ~Kernel() {
     if (allocator != nullptr) g_api->ReleaseAllocator(allocator);
   }
 
   void create(const OrtKernelInfo* info) {
-    kernels_input = def->inputs.size() - 1;
+    kernels_input = def->inputs.size();
     size_t inputs = 0;
     check(g_api->KernelInfo_GetInputCount(info, &inputs));
     int is_constant = 0;
@@ -201,22 +146,11 @@ struct Kernel {
       throw Error("its 'kernels' input must be a 1-D uint8 tensor (a kernel bundle)");
     void* data = nullptr;
     check(g_api->GetTensorMutableData(const_cast<OrtValue*>(bundle), &data));
-    launcher = shared_launcher(data, static_cast<size_t>(bytes.shape[0]));
-    const Bundle& b = launcher->bundle();
-    if (b.op() != def->name) throw Error(cat("its kernels are those of a ", b.op(), " node"));
-    for (const Attribute& spec : def->attributes) {
-      std::string value = attribute(info, spec), compiled = config_text(b.config()[spec.name]);
-      if (value != compiled)
-        throw Error(cat("has ", spec.name, "=", value, " but its kernels were compiled for ", spec.name, "=",
-                        compiled, ": fuse the model again"));
-    }
+    launcher = moexport::shared_launcher(data, static_cast<size_t>(bytes.shape[0]));
     size_t outputs = 0;
     check(g_api->KernelInfo_GetOutputCount(info, &outputs));
-    for (size_t o = 0; o < outputs && o < b.output_names().size(); ++o) {
-      if (b.output_names()[o].empty())
-        throw Error(cat("asks for output '", def->outputs[o].name, "', which its kernels were compiled without: "
-                        "fuse the model again"));
-    }
+    moexport::check_node(*def, launcher->bundle(), [info](const AttributeSpec& spec) { return attribute(info, spec); },
+                         outputs);
     if (!cuda)
       throw Error("the moexport op library runs these nodes on ONNX Runtime's CUDA execution provider only; "
                   "on the CPU, create the session without it and ONNX Runtime runs the function bodies");
@@ -238,25 +172,10 @@ struct Kernel {
       check(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
       pointers[i] = data;
     }
-    // SigmaMoE takes x of any rank [..., d]: the kernels see its rows [N, d], the outputs keep x's lead
-    Shape lead;
-    if (def == &kSigmaMoE) {
-      Shape& x = args[0].shape;
-      if (x.empty()) throw Error("input 'x' must have at least one dimension [..., d]");
-      lead.assign(x.begin(), x.end() - 1);
-      int64_t rows = 1;
-      for (int64_t d : lead) rows *= d;
-      x = {rows, x.back()};
-    }
-    Call call = launcher->bundle().prepare(args);
+    moexport::OpCall call = moexport::plan_op(*def, launcher->bundle(), args);
     std::vector<void*> outputs(output_count, nullptr);
     for (size_t o = 0; o < output_count; ++o) {
-      Shape shape = call.output_shapes[o];
-      if (def == &kSigmaMoE) {
-        Shape full = lead;
-        full.push_back(shape.back());
-        shape = full;
-      }
+      const Shape& shape = call.output_shapes[o];
       OrtValue* value = nullptr;
       check(g_api->KernelContext_GetOutput(context, o, shape.data(), shape.size(), &value));
       if (value == nullptr) continue;  // an optional output the node does not produce
@@ -265,9 +184,10 @@ struct Kernel {
     void* stream = nullptr;
     check(g_api->KernelContext_GetGPUComputeStream(context, &stream));
     void* workspace = nullptr;
-    check(g_api->AllocatorAlloc(allocator, call.workspace_bytes > 0 ? call.workspace_bytes : 1, &workspace));
+    const size_t bytes = call.call.workspace_bytes;
+    check(g_api->AllocatorAlloc(allocator, bytes > 0 ? bytes : 1, &workspace));
     try {
-      launcher->launch(call, pointers, outputs, workspace, static_cast<moexport::cuda::Stream>(stream));
+      launcher->launch(call.call, pointers, outputs, workspace, static_cast<moexport::cuda::Stream>(stream));
     } catch (...) {
       if (OrtStatus* status = g_api->AllocatorFree(allocator, workspace)) g_api->ReleaseStatus(status);
       throw;
@@ -318,28 +238,34 @@ OrtStatus* fail(const std::string& where, const char* what) {
 // once a library defines its op, so a CPU session with this library fails at creation, saying why,
 // instead of with "could not find an implementation".
 struct CustomOp : OrtCustomOp {
-  const OpDef* def;
+  const OpSpec* def;
   bool cuda;
 
-  CustomOp(const OpDef* op_def, bool on_cuda) : OrtCustomOp{}, def(op_def), cuda(on_cuda) {
+  CustomOp(const OpSpec* op_def, bool on_cuda) : OrtCustomOp{}, def(op_def), cuda(on_cuda) {
     version = ORT_API_VERSION;
     GetName = [](const OrtCustomOp* op) { return static_cast<const CustomOp*>(op)->def->name; };
     GetExecutionProviderType = [](const OrtCustomOp* op) {
       return static_cast<const CustomOp*>(op)->cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
     };
-    GetInputTypeCount = [](const OrtCustomOp* op) { return static_cast<const CustomOp*>(op)->def->inputs.size(); };
-    GetInputType = [](const OrtCustomOp* op, size_t i) { return static_cast<const CustomOp*>(op)->def->inputs[i].type; };
+    // the op's inputs, then 'kernels': the bundle, optional, read on the host when the kernel is created
+    GetInputTypeCount = [](const OrtCustomOp* op) { return static_cast<const CustomOp*>(op)->def->inputs.size() + 1; };
+    GetInputType = [](const OrtCustomOp* op, size_t i) {
+      const auto& inputs = static_cast<const CustomOp*>(op)->def->inputs;
+      return i == inputs.size() ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : element_type(inputs[i].dtype);
+    };
     GetOutputTypeCount = [](const OrtCustomOp* op) { return static_cast<const CustomOp*>(op)->def->outputs.size(); };
-    GetOutputType = [](const OrtCustomOp* op, size_t i) { return static_cast<const CustomOp*>(op)->def->outputs[i].type; };
+    GetOutputType = [](const OrtCustomOp* op, size_t i) {
+      return element_type(static_cast<const CustomOp*>(op)->def->outputs[i].dtype);
+    };
     GetInputCharacteristic = [](const OrtCustomOp* op, size_t i) {
-      return static_cast<const CustomOp*>(op)->def->inputs[i].optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+      const auto& inputs = static_cast<const CustomOp*>(op)->def->inputs;
+      return i == inputs.size() || inputs[i].optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     GetOutputCharacteristic = [](const OrtCustomOp* op, size_t i) {
       return static_cast<const CustomOp*>(op)->def->outputs[i].optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     GetInputMemoryType = [](const OrtCustomOp* op, size_t i) {
-      // the bundle is read on the host when the kernel is created
-      return i + 1 == static_cast<const CustomOp*>(op)->def->inputs.size() ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+      return i == static_cast<const CustomOp*>(op)->def->inputs.size() ? OrtMemTypeCPUInput : OrtMemTypeDefault;
     };
     GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
     GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
@@ -389,6 +315,8 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
                                               ORT_API_VERSION, "); this is ", api_base->GetVersionString()).c_str());
   }
   g_api = api;
+  using moexport::kCVMM;
+  using moexport::kTopKDispatch;
   static CustomOp ops[] = {CustomOp(&kSigmaMoE, true), CustomOp(&kTopKDispatch, true), CustomOp(&kCVMM, true),
                            CustomOp(&kSigmaMoE, false), CustomOp(&kTopKDispatch, false), CustomOp(&kCVMM, false)};
   // one domain for every session: it must outlive them all, so it is never released
