@@ -1,8 +1,9 @@
 """Builds the native plugin libraries (C++17, g++) with the package: see `moexport/native/`.
 
 They are plain shared libraries, not Python extension modules: ONNX Runtime and TensorRT load them by
-path (`moexport.plugins.ort_library()`). Each is optional, so that the package installs where no C++
-compiler is found; the library's absence is then reported when it is asked for.
+path (`moexport.plugins.ort_library()`, `moexport.trt_plugins.trt_library()`). Each is optional, so that
+the package installs where no C++ compiler is found; the library's absence is then reported when it is
+asked for. Neither links to its runtime: both build from vendored headers (third_party/) alone.
 """
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -11,12 +12,17 @@ NATIVE = ["moexport/native/json.cpp", "moexport/native/expr.cpp", "moexport/nati
           "moexport/native/bundle.cpp", "moexport/native/ops.cpp", "moexport/native/capi.cpp"]
 
 
+TRT = ["third_party/tensorrt-11.1/include", "moexport/trt_plugins/cuda_stub"]  # headers of the TensorRT libraries
+
+
 class SharedLibrary(Extension):
     """A C++ shared library named lib<name>.so in its package folder."""
 
-    def __init__(self, name: str, sources: list[str], include_dirs: list[str]):
+    def __init__(self, name: str, sources: list[str], include_dirs: list[str], system_include_dirs=()):
+        # third-party headers as system headers: their own deprecation warnings are not ours to fix
+        system = [arg for folder in system_include_dirs for arg in ("-isystem", folder)]
         super().__init__(name, sources=NATIVE + sources, include_dirs=include_dirs, language="c++",
-                         extra_compile_args=["-std=c++17", "-O2", "-g0", "-fvisibility=hidden", "-Wall"],
+                         extra_compile_args=["-std=c++17", "-O2", "-g0", "-fvisibility=hidden", "-Wall", *system],
                          extra_link_args=["-s", "-Wl,--no-undefined"],  # every symbol resolved when built
                          libraries=["dl"], optional=True)
 
@@ -32,6 +38,7 @@ class BuildSharedLibraries(build_ext):
 
 setup(
     ext_modules=[SharedLibrary("moexport.plugins.libmoexport_ort", ["moexport/plugins/ort_ops.cpp"],
-                               ["third_party/onnxruntime-1.21/include"])],
+                               ["third_party/onnxruntime-1.21/include"]),
+                 SharedLibrary("moexport.trt_plugins.libmoexport_trt", ["moexport/trt_plugins/trt_ops.cpp"], [], TRT)],
     cmdclass={"build_ext": BuildSharedLibraries},
 )
