@@ -5,6 +5,8 @@ path (`moexport.plugins.ort_library()`, `moexport.trt_plugins.trt_library()`). E
 the package installs where no C++ compiler is found; the library's absence is then reported when it is
 asked for. Neither links to its runtime: both build from vendored headers (third_party/) alone.
 """
+import os
+
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -27,7 +29,28 @@ class SharedLibrary(Extension):
                          libraries=["dl"], optional=True)
 
 
+class RtxAlias(Extension):
+    """libmoexport_rtx_alias.so: no code, the soname libtensorrt_rtx.so and the dependency
+    libtensorrt_rtx.so.1, which lets TensorRT-RTX open itself by the name it uses
+    (moexport/trt_plugins/library.py). Linked against a stub of that library made here: building it
+    needs no TensorRT-RTX."""
+
+    def __init__(self):
+        super().__init__("moexport.trt_plugins.libmoexport_rtx_alias", sources=["moexport/trt_plugins/rtx_alias.c"],
+                         optional=True)
+
+
 class BuildSharedLibraries(build_ext):
+    def build_extension(self, ext):
+        if isinstance(ext, RtxAlias):
+            stub_dir = os.path.join(self.build_temp, "rtx_stub")
+            objects = self.compiler.compile(ext.sources, output_dir=os.path.join(stub_dir, "obj"))
+            self.compiler.link_shared_object(objects, "libtensorrt_rtx.so.1", output_dir=stub_dir,
+                                             extra_postargs=["-Wl,-soname,libtensorrt_rtx.so.1"])
+            ext.extra_link_args = ["-Wl,-soname,libtensorrt_rtx.so", "-Wl,--no-as-needed", f"-L{stub_dir}",
+                                   "-l:libtensorrt_rtx.so.1"]
+        super().build_extension(ext)
+
     def get_ext_filename(self, fullname: str) -> str:
         # called with the dotted name, or (in-place builds) with its last part: no Python ABI suffix
         return fullname.replace(".", "/") + ".so"
@@ -39,6 +62,7 @@ class BuildSharedLibraries(build_ext):
 setup(
     ext_modules=[SharedLibrary("moexport.plugins.libmoexport_ort", ["moexport/plugins/ort_ops.cpp"],
                                ["third_party/onnxruntime-1.21/include"]),
-                 SharedLibrary("moexport.trt_plugins.libmoexport_trt", ["moexport/trt_plugins/trt_ops.cpp"], [], TRT)],
+                 SharedLibrary("moexport.trt_plugins.libmoexport_trt", ["moexport/trt_plugins/trt_ops.cpp"], [], TRT),
+                 RtxAlias()],
     cmdclass={"build_ext": BuildSharedLibraries},
 )

@@ -194,18 +194,31 @@ def cmd_fuse(args):
 
 
 def _build_args(p):
-    p.add_argument("model", help="ONNX file (the portable form for TensorRT-RTX, until the plugins exist).")
+    p.add_argument("model", help="ONNX file: fused (or dispatch form with kernels), built with the moexport plugins; "
+                                 "or the portable form, built as it is.")
     add_output_args(p, help="Output engine file. Defaults to <model>.engine.")
     add_precision_args(p)
     for bound in ("min", "opt", "max"):
         p.add_argument(f"--{bound}-shapes", default=None, metavar="SHAPES",
                        help=f"{bound.capitalize()} shapes of the dynamic inputs, e.g. 'input_ids:[1,256]'.")
+    p.add_argument("--workspace-mb", type=int, default=None, help="Workspace memory limit. Defaults to TensorRT's.")
+    p.add_argument("--timing-cache", default=None, metavar="FILE",
+                   help="Timing cache: read if it exists, written after the build.")
+    p.add_argument("--embed-plugin", action="store_true", default=None,
+                   help="Put the plugin library into the engine, so that it runs where moexport is not installed.")
+    p.add_argument("--save-onnx", default=None, metavar="FILE",
+                   help="Also write the graph TensorRT parsed (kernels as plugin fields): what trtexec takes.")
 
 
 @subcommand(_build_args)
 def cmd_build(args):
-    """Build a TensorRT engine (TensorRT >= 10, else TensorRT-RTX, which builds without a GPU)."""
-    from moexport.trt_plugins import build_engine
+    """Build a TensorRT engine (TensorRT >= 10, else TensorRT-RTX, which builds without a GPU).
+
+    moexport nodes (a fused file) become the moexport TensorRT plugins, which run the kernels the
+    file carries: the engine needs the plugin library (or --embed-plugin), no Python and no Triton.
+    Prints the trtexec command that builds the same engine.
+    """
+    from moexport.trt_plugins import build_engine, engine_backend, trtexec_command, uses_plugins
 
     bounds = [parse_shapes(getattr(args, f"{b}_shapes")) for b in ("min", "opt", "max")]
     names = set().union(*bounds)
@@ -213,8 +226,18 @@ def cmd_build(args):
     if missing:
         raise MoexportError(f"input(s) {', '.join(sorted(missing))}", "need --min-shapes, --opt-shapes and --max-shapes")
     output = check_output_file(args.output or Path(args.model).with_suffix(".engine"))  # before the build
-    engine = build_engine(args.model, output, dtype=args.dtype, shapes={n: tuple(b[n] for b in bounds) for n in names})
+    save_onnx = None if args.save_onnx is None else check_output_file(args.save_onnx)
+    shapes = {n: tuple(b[n] for b in bounds) for n in names}
+    options = dict(dtype=args.dtype, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
+                   embed_plugin=args.embed_plugin)
+    engine = build_engine(args.model, output, shapes=shapes, save_onnx=save_onnx, **options)
     print_line(console, f"wrote {engine}")
+    if engine_backend() == "tensorrt_rtx":
+        print_line(console, "built, not run: TensorRT-RTX engines run on RTX GPUs only")
+    plugins = uses_plugins(args.model)
+    graph = save_onnx or ("<the file of --save-onnx>" if plugins else args.model)
+    print_line(console, "trtexec equivalent (TensorRT >= 10): " + trtexec_command(graph, engine, shapes=shapes,
+                                                                                     plugins=plugins, **options))
 
 
 def _bench_args(p):
