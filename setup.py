@@ -20,10 +20,11 @@ TRT = ["third_party/tensorrt-11.1/include", "moexport/trt_plugins/cuda_stub"]  #
 class SharedLibrary(Extension):
     """A C++ shared library named lib<name>.so in its package folder."""
 
-    def __init__(self, name: str, sources: list[str], include_dirs: list[str], system_include_dirs=()):
+    def __init__(self, name: str, sources: list[str], include_dirs: list[str], system_include_dirs=(), *,
+                 native: bool = True):
         # third-party headers as system headers: their own deprecation warnings are not ours to fix
         system = [arg for folder in system_include_dirs for arg in ("-isystem", folder)]
-        super().__init__(name, sources=NATIVE + sources, include_dirs=include_dirs, language="c++",
+        super().__init__(name, sources=(NATIVE if native else []) + sources, include_dirs=include_dirs, language="c++",
                          extra_compile_args=["-std=c++17", "-O2", "-g0", "-fvisibility=hidden", "-Wall", *system],
                          extra_link_args=["-s", "-Wl,--no-undefined"],  # every symbol resolved when built
                          libraries=["dl"], optional=True)
@@ -63,6 +64,9 @@ setup(
     ext_modules=[SharedLibrary("moexport.plugins.libmoexport_ort", ["moexport/plugins/ort_ops.cpp"],
                                ["third_party/onnxruntime-1.21/include"]),
                  SharedLibrary("moexport.trt_plugins.libmoexport_trt", ["moexport/trt_plugins/trt_ops.cpp"], [], TRT),
+                 # drives a plugin library as TensorRT does, where there is no TensorRT (harness.py)
+                 SharedLibrary("moexport.trt_plugins.libmoexport_trt_harness", ["moexport/trt_plugins/harness.cpp"], [],
+                               TRT, native=False),
                  RtxAlias()],
     cmdclass={"build_ext": BuildSharedLibraries},
 )

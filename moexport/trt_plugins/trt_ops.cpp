@@ -490,10 +490,13 @@ class Creator : public IPluginCreatorV3One {
     const std::string where = cat("node '", name ? name : "", "' (", op_.name, ")");
     try {
       Fields fields = read_fields(op_, fc);
-      for (const AttributeSpec& spec : op_.attributes)  // the op set's defaults, where the node has none
-        if (fields.find(spec.name) == nullptr)
-          fields.attributes.emplace_back(spec.name, spec.string_default ? spec.string_default
-                                                                        : std::to_string(spec.int_default));
+      std::vector<std::pair<std::string, std::string>> attributes;  // in the op's order, defaults filled in
+      for (const AttributeSpec& spec : op_.attributes) {
+        const std::string* value = fields.find(spec.name);
+        attributes.emplace_back(spec.name, value ? *value : spec.string_default ? spec.string_default
+                                                                                : std::to_string(spec.int_default));
+      }
+      fields.attributes = std::move(attributes);
       std::shared_ptr<Launcher> launcher;
       fields.brings = !fields.kernels.empty();
       if (fields.brings) launcher = moexport::shared_launcher(fields.kernels.data(), fields.kernels.size());

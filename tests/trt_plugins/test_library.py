@@ -6,8 +6,12 @@ import sys
 
 import pytest
 
+from moexport.models.activations import ACTIVATIONS
+from moexport.models.routing import SELECTIONS
 from moexport.trt_plugins import trt_library
+from moexport.trt_plugins.harness import PluginHarness
 from moexport.trt_plugins.library import RTX_ALIAS
+from trt_cases import layer_plugin
 
 
 def test_the_library_is_built_links_to_no_gpu_library_and_exports_its_entry_points():
@@ -17,6 +21,21 @@ def test_the_library_is_built_links_to_no_gpu_library_and_exports_its_entry_poin
     exported = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
                               check=True).stdout.split()
     assert {"getCreators", "setLoggerFinder", "moexport_plan_call"} <= set(exported)
+
+
+def test_each_op_has_a_v3_creator_in_the_moexport_namespace_whose_fields_are_its_attributes():
+    harness = PluginHarness()
+    fields = {op: harness.field_names(op) for op in ("SigmaMoE", "TopKDispatch", "CVMM")}
+    assert fields == {"SigmaMoE": ["k", "selection", "activation", "kernels", "kernels_key"],
+                      "TopKDispatch": ["k", "selection", "kernels", "kernels_key"],
+                      "CVMM": ["reduce", "k", "kernels", "kernels_key"]}
+
+
+@pytest.mark.parametrize("attribute, allowed", [("selection", SELECTIONS), ("activation", ACTIVATIONS)])
+def test_the_values_the_plugins_accept_are_the_op_sets(fused_layer, attribute, allowed):
+    """native/ops.cpp keeps its own list of each attribute's values; its message lists them all."""
+    with pytest.raises(Exception, match=rf"has {attribute}='x', which is not one of {', '.join(allowed)}$"):
+        layer_plugin(fused_layer, **{attribute: "x"})
 
 
 def run_fresh(code: str) -> subprocess.CompletedProcess:

@@ -52,3 +52,11 @@ def parser_nodes(path):
     return [(node, {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in PLUGIN_ATTRIBUTES},
              weights) for node in moexport_nodes(model)]
 
+
+def layer_plugin(path, harness=None, **changes):
+    """The build-phase plugin of a graph's first node, created as the parser creates it, with some of its
+    attributes changed."""
+    from moexport.trt_plugins.harness import PluginHarness, node_fields
+
+    node, attributes, _ = parser_nodes(path)[0]
+    return (harness or PluginHarness()).create(node.op_type, node.name, node_fields({**attributes, **changes}))
