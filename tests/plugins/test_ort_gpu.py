@@ -7,22 +7,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from gpu_cases import (ARCHS, DTYPES, TOKENS, D, E, K, assert_cvmm_output, assert_layer_output,
+                       assert_topk_dispatch_outputs, cvmm_case, make_layer, tied_logits)
 from onnx import helper, numpy_helper
 
-from moexport.core import tolerance_for
 from moexport.exporter import export_onnx, fuse
 from moexport.exporter.compiled import attach_kernels
-from moexport.models import SigmaMoE, route
-from moexport.opset import DOMAIN, VERSION, attach_functions, cvmm, topk_dispatch
+from moexport.opset import DOMAIN, VERSION, attach_functions
 from moexport.plugins import compiled_calls, ort_session, run_with_tensors
 
 pytestmark = pytest.mark.gpu
 
-TOKENS = (1, 16, 256, 4096, 32768)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-D, E, G, K = 256, 16, 64, 4
-ARCHS = (90,)
 CUDA = ["CUDAExecutionProvider"]
+ELEMENTS = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+            torch.bfloat16: onnx.TensorProto.BFLOAT16}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,16 +29,6 @@ def _needs_ort_cuda():
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime has no CUDA execution provider here (install onnxruntime-gpu)")
-
-
-def make_layer(dtype, bias, seed=0):
-    torch.manual_seed(seed)
-    layer = SigmaMoE(D, E, G, K, bias=bias).eval()
-    if bias:
-        with torch.no_grad():
-            layer.bias.normal_()
-            layer.o_bias.normal_()
-    return layer.to("cuda", dtype)
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +60,6 @@ def run_layer(path, layer, x):
     return y, experts
 
 
-def assert_routing_agrees(layer, x, experts):
-    """Identical top-k sets for every token, except where the reference's k-th and (k+1)-th logits are
-    within float32 rounding of each other (the kernels sum the router product in another order)."""
-    with torch.no_grad():
-        logits = layer.router_logits(x.reshape(-1, D))
-    _, want = route(logits, K)
-    top = torch.topk(logits, K + 1, dim=-1).values
-    near = (top[:, K - 1] - top[:, K]) <= 1e-5 * top[:, K - 1].abs().clamp(min=1)
-    same = (torch.sort(want, -1).values == torch.sort(experts.reshape(-1, K), -1).values).all(-1)
-    assert bool((same | near).all()), f"{int((~same & ~near).sum())} tokens routed differently"
-    return same
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
 @pytest.mark.parametrize("n_tokens", TOKENS)
@@ -94,12 +69,7 @@ def test_sigma_moe_runs_the_compiled_kernels_like_pytorch(fused_layers, dtype, b
     before = compiled_calls()
     y, experts = run_layer(path, layer, x)
     assert compiled_calls() > before  # it ran on the library, not on the function body
-    same = assert_routing_agrees(layer, x, experts)
-    with torch.no_grad():
-        want = layer.reference_forward(x)
-    tol = tolerance_for(dtype)
-    rows = same.reshape(x.shape[:-1])
-    torch.testing.assert_close(y[rows].float(), want[rows].float(), rtol=tol.rtol, atol=tol.atol)
+    assert_layer_output(layer, x, y, experts)
 
 
 def test_kernels_for_an_older_gpu_run_here_from_their_ptx(fused_layers):
@@ -107,12 +77,7 @@ def test_kernels_for_an_older_gpu_run_here_from_their_ptx(fused_layers):
     layer, path = fused_layers(torch.float16, True, archs=(80,))
     x = torch.randn(1, 300, D, device="cuda", dtype=torch.float16)
     y, experts = run_layer(path, layer, x)
-    same = assert_routing_agrees(layer, x, experts)
-    tol = tolerance_for(torch.float16)
-    with torch.no_grad():
-        want = layer.reference_forward(x)
-    rows = same.reshape(x.shape[:-1])
-    torch.testing.assert_close(y[rows].float(), want[rows].float(), rtol=tol.rtol, atol=tol.atol)
+    assert_layer_output(layer, x, y, experts)
 
 
 def single_node(op_type, inputs, attributes, outputs, weights):
@@ -137,7 +102,7 @@ def test_topk_dispatch_matches_the_op_set_reference(n_tokens, selection):
     model = single_node("TopKDispatch", {"logits": (onnx.TensorProto.FLOAT, ["N", E])}, {"k": K, "selection": selection},
                         [("gate", onnx.TensorProto.FLOAT), ("expert", onnx.TensorProto.INT32),
                          ("sorted_expert", onnx.TensorProto.INT32), ("sorted_slot", onnx.TensorProto.INT32)], {})
-    logits = torch.randint(-3, 4, (n_tokens, E), device="cuda").float()  # ties everywhere
+    logits = tied_logits(n_tokens)
     session = ort_session(model, providers=CUDA)
     out = {"gate": torch.empty(n_tokens, K, device="cuda"),
            **{n: torch.empty(*s, dtype=torch.int32, device="cuda")
@@ -145,47 +110,24 @@ def test_topk_dispatch_matches_the_op_set_reference(n_tokens, selection):
                            ("sorted_slot", (n_tokens * K,)))}}
     run_with_tensors(session, {"logits": logits}, out)
     torch.cuda.synchronize()
-    want = topk_dispatch(logits.cpu().numpy(), K, selection)
-    np.testing.assert_allclose(out["gate"].cpu().numpy(), want[0], rtol=1e-6, atol=1e-7)
-    for got, expected in zip(list(out.values())[1:], want[1:]):
-        np.testing.assert_array_equal(got.cpu().numpy(), expected)
+    assert_topk_dispatch_outputs(logits, K, selection, list(out.values()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduce", [0, 1])
 @pytest.mark.parametrize("n_tokens", TOKENS)
 def test_cvmm_matches_the_op_set_reference(dtype, reduce, n_tokens):
-    rng = np.random.default_rng(n_tokens)
-    d_in, d_out = (D, G) if not reduce else (G, D)
-    weight = (rng.standard_normal((E, d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
-    logits = rng.standard_normal((n_tokens, E)).astype(np.float32)
-    gate, _, sorted_expert, sorted_slot = topk_dispatch(logits, K)
-    x_rows = n_tokens if not reduce else n_tokens * K
-    x = rng.standard_normal((x_rows, d_in)).astype(np.float32)
-    src = sorted_slot // K if not reduce else sorted_slot
-    slot_gate = gate.reshape(-1)[sorted_slot] if reduce else None
-    elem = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
-            torch.bfloat16: onnx.TensorProto.BFLOAT16}[dtype]
-    w_typed = torch.from_numpy(weight).to(dtype)
-    inputs = {"x": (elem, ["R", d_in]), "sorted_expert": (onnx.TensorProto.INT32, ["S"]),
+    feeds, shape, want = cvmm_case(dtype, reduce, n_tokens)
+    inputs = {"x": (ELEMENTS[dtype], ["R", feeds["x"].shape[1]]), "sorted_expert": (onnx.TensorProto.INT32, ["S"]),
               "src_row": (onnx.TensorProto.INT32, ["S"]), "dst_row": (onnx.TensorProto.INT32, ["S"]),
-              "W": (elem, list(weight.shape))}
+              "W": (ELEMENTS[dtype], list(feeds["W"].shape))}
     if reduce:
         inputs["gate"] = (onnx.TensorProto.FLOAT, ["S"])
     model = single_node("CVMM", inputs, {"reduce": reduce, "k": K}, [("out", onnx.TensorProto.FLOAT)], {})
-    feeds = {"x": torch.from_numpy(x).to("cuda", dtype), "sorted_expert": torch.from_numpy(sorted_expert).cuda(),
-             "src_row": torch.from_numpy(src.astype(np.int32)).cuda(), "dst_row": torch.from_numpy(sorted_slot).cuda(),
-             "W": w_typed.cuda()}
-    if reduce:
-        feeds["gate"] = torch.from_numpy(slot_gate).cuda()
-    rows = n_tokens if reduce else n_tokens * K
-    out = torch.empty(rows, d_out, device="cuda")
+    out = torch.empty(*shape, device="cuda")
     run_with_tensors(ort_session(model, providers=CUDA), feeds, {"out": out})
     torch.cuda.synchronize()
-    want = cvmm(feeds["x"].float().cpu().numpy(), sorted_expert, src.astype(np.int32), sorted_slot,
-                w_typed.float().numpy(), slot_gate, reduce, K)
-    tol = tolerance_for(dtype)
-    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=tol.rtol, atol=tol.atol * np.abs(want).max())
+    assert_cvmm_output(dtype, out, want)
 
 
 def test_zero_tokens_give_empty_outputs(fused_layers):
@@ -235,13 +177,8 @@ def test_cuda_graphs_replay_the_compiled_kernels(fused_layers):
     x = torch.randn(1, 64, D, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(1, 64, D, device="cuda", dtype=torch.bfloat16)
     experts = torch.empty(1, 64, K, device="cuda", dtype=torch.int64)
-    tol = tolerance_for(torch.bfloat16)
-    for step in range(3):
+    for _ in range(3):
         x.copy_(torch.randn_like(x))
         run_with_tensors(session, {"x": x}, {"y": y, "experts": experts})
         torch.cuda.synchronize()
-        same = assert_routing_agrees(layer, x, experts)
-        with torch.no_grad():
-            want = layer.reference_forward(x)
-        torch.testing.assert_close(y[0][same].float(), want[0][same].float(), rtol=tol.rtol, atol=tol.atol,
-                                   msg=f"run {step}")
+        assert_layer_output(layer, x, y, experts)
