@@ -256,6 +256,7 @@ def cmd_bench(args):
     onnx-cpu: ONNX Runtime CPU latency of the three graph forms against PyTorch eager (into a fresh
     folder under ./moexport-bench unless --out is given; prints the paths it wrote).
     onnx-gpu: the fused layer on ONNX Runtime's CUDA provider with the compiled kernels (GPU).
+    trt-plugin: the TensorRT SigmaMoE plugin, enqueued as TensorRT does, against the PyTorch kernel path (GPU).
     """
     import importlib
 

@@ -9,6 +9,7 @@ SUITES = {
     "kernels": "moexport.bench.kernels",
     "onnx-cpu": "moexport.bench.onnx_cpu",
     "onnx-gpu": "moexport.bench.onnx_gpu",
+    "trt-plugin": "moexport.bench.trt_plugin",
 }
 
 __all__ = ["SUITES", "write_results"]

@@ -1,0 +1,146 @@
+"""`moexport bench trt-plugin`: the TensorRT SigmaMoE plugin against moexport's PyTorch kernel path (GPU).
+
+For each dtype and T, one layer shape, forward, in one run:
+
+- the plugin as TensorRT runs it: libmoexport_trt.so's SigmaMoE, created, configured for a profile up to
+  the largest T, serialised, created again for the runtime and enqueued on the stream through
+  TensorRT's interfaces (`moexport.trt_plugins.harness`; no TensorRT runs on this GPU), launching the
+  layer's kernels from the bundle `moexport fuse` would attach, compiled here ahead of time;
+- `moexport.kernels.sigma_moe_forward`, the same kernels and plans through Triton's launcher, eagerly.
+
+Median GPU ms with L2 flushed before every call (the loop of `moexport.bench.kernels`; each call is
+issued during the flush, so the time is the GPU's), the host time of a call apart, and the plugin's
+output against the PyTorch path's (routing compared token by token). The issue's target: the plugin
+within 1.1x of the PyTorch path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from moexport.bench.kernels import SHAPES, TOKENS, Layer, _host_us, agreement, median_ms
+from moexport.bench.report import write_results
+from moexport.core.errors import MoexportError
+
+DTYPES = ("float16", "bfloat16", "float32")
+TARGET = 1.1
+COLUMNS = ["shape", "dtype", "T", "plugin_ms", "torch_ms", "ratio", "plugin_host_us", "torch_host_us",
+           "workspace_kb", "max_err", "flips"]
+
+
+def layer_kernels(layer: Layer, dtype: str, max_tokens: int) -> dict:
+    """The SigmaMoE node's attributes as `moexport build` hands them to TensorRT: the op's, its bundle."""
+    from moexport.kernels import bundle as bundles
+    from moexport.kernels.plan import MoEShape
+
+    shape = MoEShape(layer.d, layer.E, layer.G, layer.d, layer.k, dtype)
+    data = bundles.build_bundle(bundles.sigma_moe_kernels(shape, max_tokens=max_tokens), archs=(_sm(),))
+    return {"k": layer.k, "selection": "sigmoid", "activation": "relu", "kernels": data,
+            "kernels_key": bundles.read_bundle(data)["key"]}
+
+
+def _sm() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def measure(harness, layer: Layer, attributes: dict, name: str, dtype: str, T: int, max_tokens: int) -> dict:
+    """One row: the plugin's enqueue and the PyTorch path timed on the same x."""
+    from moexport.trt_plugins.harness import prepare
+
+    x = torch.randn(T, layer.d, device="cuda", dtype=layer.keys.dtype)
+    sel = layer.sel.float()  # the op set keeps the router weight in float32
+    y = torch.empty_like(x)
+    call = prepare(harness, "SigmaMoE", "sigma_moe", attributes, [x, sel, layer.keys, layer.values], [y],
+                   largest=[(max_tokens, layer.d), tuple(sel.shape), tuple(layer.keys.shape),
+                            tuple(layer.values.shape)])
+    stream = torch.cuda.current_stream().cuda_stream
+    plugin = lambda: call(stream)  # noqa: E731
+    with torch.no_grad():
+        ref = layer.moe(x)  # through Triton's JIT once, then the launches timed below
+        plugin()
+        row = {"shape": name, "dtype": dtype, "T": T, "workspace_kb": call.workspace_bytes / 1024,
+               **agreement(layer, x, y, ref)}
+        row["plugin_ms"], row["torch_ms"] = median_ms(plugin), median_ms(lambda: layer.moe(x))
+        row["plugin_host_us"], row["torch_host_us"] = _host_us(plugin), _host_us(lambda: layer.moe(x))
+    row["ratio"] = row["plugin_ms"] / row["torch_ms"]
+    return row
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        sub = [r for r in rows if r["dtype"] == dtype]
+        line = left.plot([r["T"] for r in sub], [r["plugin_ms"] for r in sub], marker="o", label=f"plugin, {dtype}")
+        left.plot([r["T"] for r in sub], [r["torch_ms"] for r in sub], marker="x", linestyle="--",
+                  color=line[0].get_color(), label=f"PyTorch path, {dtype}")
+        right.plot([r["T"] for r in sub], [r["ratio"] for r in sub], marker="o", label=dtype)
+    right.axhline(TARGET, color="red", linestyle=":", label=f"target {TARGET}x")
+    left.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="ms (median)", title=rows[0]["shape"])
+    right.set(xscale="log", xlabel="tokens T", ylabel="plugin / PyTorch path", title="GPU time ratio")
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+NOTES = f"""\
+plugin: libmoexport_trt.so's SigmaMoE, enqueued through TensorRT's plugin interfaces by
+`moexport.trt_plugins.harness` (no TensorRT runs on this GPU) after the calls TensorRT makes to
+build and deserialise an engine (workspace sized for a profile up to the largest T); its kernels are
+the layer's bundle (fused as `moexport fuse` does, for this GPU), launched by the native launcher.
+PyTorch path: `moexport.kernels.sigma_moe_forward`, the same plans through Triton's launcher, eager.
+The router weight is float32 for the plugin (the op set's) and the layer's dtype for the PyTorch path.
+Median ms with L2 flushed before every call (read flush), GPU time; host time per call apart (the
+plugin's includes the ctypes call of the harness). ratio = plugin / PyTorch path; target <= {TARGET}.
+max_err, flips: the plugin's y against the PyTorch path's (`moexport.bench.kernels.agreement`).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moexport bench trt-plugin", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-o", "--output", default=None, help="Results folder. Defaults to bench/results.")
+    parser.add_argument("--name", default=None, help="File stem. Defaults to trt_plugin_<gpu>, e.g. trt_plugin_h200.")
+    parser.add_argument("--shape", default="WT103-small", help=f"Layer shape, one of {', '.join(SHAPES)}.")
+    parser.add_argument("--tokens", nargs="*", type=int, default=None, help="Defaults to 1 16 256 4096 32768.")
+    parser.add_argument("--dtypes", nargs="*", default=None, help=f"Defaults to {' '.join(DTYPES)}.")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise MoexportError("moexport bench trt-plugin", "needs a CUDA GPU", "run it on the H200")
+    if args.shape not in SHAPES:
+        raise MoexportError(f"--shape {args.shape}", "is not a known shape", f"use one of {', '.join(SHAPES)}")
+    dtypes, tokens = args.dtypes or list(DTYPES), args.tokens or list(TOKENS)
+    from moexport.core.progress import progress
+    from moexport.trt_plugins.harness import PluginHarness
+
+    harness, rows, max_tokens = PluginHarness(), [], max(tokens)
+    with progress("benchmarking the TensorRT plugin", len(dtypes) * len(tokens)) as advance:
+        for dtype in dtypes:
+            layer = Layer(*SHAPES[args.shape], dtype=getattr(torch, dtype))
+            advance(0, description=f"compiling the {dtype} kernels")
+            attributes = layer_kernels(layer, dtype, max_tokens)
+            for T in tokens:
+                rows.append(measure(harness, layer, attributes, args.shape, dtype, T, max_tokens))
+                advance(description=f"{dtype} T={T}")
+    import triton
+
+    gpu = torch.cuda.get_device_name()
+    env = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "L2 flush": "read",
+           "within target": all(r["ratio"] <= TARGET for r in rows)}
+    name = args.name or "trt_plugin_" + gpu.split()[-1].lower()
+    paths = write_results(name, rows, columns=COLUMNS, out_dir=Path(args.output or "bench/results"),
+                          title="σ-MoE forward: the TensorRT plugin vs the PyTorch kernel path", notes=NOTES,
+                          environment=env, plot=_plot)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
