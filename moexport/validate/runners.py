@@ -209,12 +209,21 @@ def onnxrt_runner(model: str | Path | onnx.ModelProto, *, providers: list[str] |
 
 
 def trt_runner(path: str | Path, *, name: str | None = None):
-    """Polygraphy's TrtRunner over a serialized TensorRT engine (needs TensorRT >= 10 installed)."""
+    """Polygraphy's TrtRunner over a serialized TensorRT engine (needs TensorRT >= 10 installed); the
+    moexport plugins are registered first, where the library was built, for engines built with them."""
     try:
-        import tensorrt  # noqa: F401  (polygraphy imports it lazily; fail here with a clear message)
+        import tensorrt  # polygraphy imports it lazily; fail here with a clear message
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     except ImportError:
         raise MoexportError(str(path), "is a TensorRT engine, but TensorRT is not installed here",
                             "validate the ONNX file instead, or run on a machine with TensorRT >= 10 "
                             "(pip install 'moexport[trt]')") from None
+    from moexport.trt_plugins import register_plugins, trt_library
+
+    try:
+        trt_library()
+    except MoexportError:
+        pass  # an engine without moexport plugin layers needs none; one with them says so when it loads
+    else:
+        register_plugins(tensorrt)
     return TrtRunner(EngineFromBytes(Path(path).read_bytes()), name=name or "tensorrt")
