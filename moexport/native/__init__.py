@@ -19,6 +19,21 @@ from moexport.core.errors import MoexportError
 _LOADED: dict[str, ctypes.CDLL] = {}
 
 
+def built_library(beside: str | os.PathLike, name: str) -> Path:
+    """The path of a native library that setup.py builds with the package into the folder of `beside`
+    (a module's __file__).
+
+    Raises:
+        MoexportError: it was not built when moexport was installed (no C++17 compiler).
+    """
+    path = Path(beside).with_name(name)
+    if not path.is_file():
+        raise MoexportError(name, "was not built when moexport was installed (it needs a C++17 compiler, g++)",
+                            "install g++ and reinstall moexport (pip install --force-reinstall --no-deps moexport, "
+                            "or pip install -e . in a checkout)")
+    return path
+
+
 def load(path: str | os.PathLike) -> ctypes.CDLL:
     """A built plugin library, loaded once per process (ONNX Runtime or TensorRT may load it too: the
     dynamic loader hands everyone the same copy)."""

@@ -18,7 +18,7 @@ import onnx
 
 from moexport.core.errors import MoexportError
 from moexport.core.onnx_files import load_model
-from moexport.native import load
+from moexport.native import built_library, load
 from moexport.opset import DOMAIN, attach_functions, check_opset_imports
 from moexport.opset.functions import kernels_input
 
@@ -44,12 +44,7 @@ def ort_library() -> Path:
     Raises:
         MoexportError: the library was not built when moexport was installed (no C++17 compiler).
     """
-    path = Path(__file__).with_name(LIBRARY)
-    if not path.is_file():
-        raise MoexportError(LIBRARY, "was not built when moexport was installed (it needs a C++17 compiler, g++)",
-                            "install g++ and reinstall moexport (pip install --force-reinstall --no-deps moexport, "
-                            "or pip install -e . in a checkout)")
-    return path
+    return built_library(__file__, LIBRARY)
 
 
 def compiled_calls() -> int:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from moexport.core.errors import MoexportError
-from moexport.native import load
+from moexport.native import built_library, load
 from moexport.trt_plugins.library import trt_library
 
 HARNESS = "libmoexport_trt_harness.so"
@@ -90,10 +91,7 @@ def harness_library() -> Path:
     Raises:
         MoexportError: it was not built when moexport was installed (no C++17 compiler).
     """
-    path = Path(__file__).with_name(HARNESS)
-    if not path.is_file():
-        raise MoexportError(HARNESS, "was not built when moexport was installed (it needs a C++17 compiler, g++)")
-    return path
+    return built_library(__file__, HARNESS)
 
 
 def dims(shape: Sequence[int]) -> Dims:
@@ -147,7 +145,7 @@ class PluginHarness:
         names = self.lib.moexport_harness_field_names(self.creator(op)).contents
         return [names.fields[i].name.decode() for i in range(names.nbFields)]
 
-    def create(self, op: str, name: str, fields: list[tuple[str, int, bytes]], *, phase: int = BUILD) -> "Plugin":
+    def create(self, op: str, name: str, fields: list[tuple[str, int, bytes]], *, phase: int = BUILD) -> Plugin:
         """createPlugin of `op`'s creator with fields (name, PluginFieldType, bytes) in `phase`.
 
         Raises:
@@ -238,11 +236,11 @@ class Plugin:
         return [(f.name.decode(), f.type, ctypes.string_at(f.data, f.length * _FIELD_BYTES[f.type]))
                 for f in (c.fields[i] for i in range(c.nbFields))]
 
-    def deserialize(self) -> "Plugin":
+    def deserialize(self) -> Plugin:
         """The plugin an engine would create from this one's serialised fields (runtime phase)."""
         return self.harness.create(self.op, self.name, self.serialize(), phase=RUNTIME)
 
-    def attach(self) -> "Plugin":
+    def attach(self) -> Plugin:
         handle = self.lib.moexport_harness_attach(self.handle)
         if not handle:
             self._fail("attachToContext")

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from moexport.core.errors import MoexportError
+from moexport.native import built_library
 
 LIBRARY = "libmoexport_trt.so"
 RTX_ALIAS = "libmoexport_rtx_alias.so"
@@ -36,12 +37,7 @@ def trt_library() -> Path:
     Raises:
         MoexportError: the library was not built when moexport was installed (no C++17 compiler).
     """
-    path = Path(__file__).with_name(LIBRARY)
-    if not path.is_file():
-        raise MoexportError(LIBRARY, "was not built when moexport was installed (it needs a C++17 compiler, g++)",
-                            "install g++ and reinstall moexport (pip install --force-reinstall --no-deps moexport, "
-                            "or pip install -e . in a checkout)")
-    return path
+    return built_library(__file__, LIBRARY)
 
 
 def _rtx_name_resolves() -> bool:
