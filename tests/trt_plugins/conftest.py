@@ -1,6 +1,5 @@
 """Graphs with compiled kernels that the TensorRT plugin tests share, each built once per process."""
 import pytest
-
 from trt_cases import sigma_moe_graph
 
 

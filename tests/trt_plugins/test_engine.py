@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from trt_cases import ARCHS, LAYER_SHAPES, LM_SHAPES, MAX_TOKENS, sigma_moe_graph
 
 import moexport
 from moexport.core.errors import MoexportError
@@ -18,8 +19,6 @@ from moexport.exporter.compiled import attach_kernels
 from moexport.kernels.bundle import read_bundle
 from moexport.models import SigmaMoE, from_preset
 from moexport.trt_plugins import build_engine, plugin_layers, trt_library, trtexec_command
-
-from trt_cases import ARCHS, LAYER_SHAPES, LM_SHAPES, MAX_TOKENS, sigma_moe_graph
 
 pytest.importorskip("tensorrt_rtx", reason="needs `pip install tensorrt-rtx` (or TensorRT >= 10)")
 

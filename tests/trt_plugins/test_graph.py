@@ -3,10 +3,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from trt_cases import D
 
 from moexport.core.errors import MoexportError
 from moexport.trt_plugins.graph import plugin_graph
-from trt_cases import D
 
 
 def test_the_kernels_become_attributes_of_their_nodes_and_leave_the_graph(fused_layer):

@@ -2,13 +2,13 @@
 order of calls): everything up to enqueue runs here, and enqueue fails as TensorRT would see it."""
 import pytest
 import torch
+from trt_cases import D, E, G, K, layer_plugin, parser_nodes, sigma_moe_graph
 
 from moexport.core.errors import MoexportError
 from moexport.native import plan_call
 from moexport.trt_plugins import trt_library
 from moexport.trt_plugins.harness import (BUILD, FIELD_CHAR, FIELD_INT32, FIELD_UNKNOWN, LINEAR, RUNTIME,
                                           PluginHarness, dynamic_desc, node_fields, prepare, tensor_desc)
-from trt_cases import D, E, G, K, layer_plugin, parser_nodes, sigma_moe_graph
 
 
 @pytest.fixture(scope="module")
