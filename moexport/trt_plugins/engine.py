@@ -183,7 +183,8 @@ def plugin_layers(onnx_path: str | os.PathLike) -> list[dict[str, str]]:
         core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
         build = layer.plugin.get_capability_interface(trt.PluginCapabilityType.BUILD)
         layers.append({"layer": layer.name, "plugin": core.plugin_name, "version": core.plugin_version,
-                       "namespace": core.plugin_namespace, "metadata": build.metadata_string or ""})
+                       # (metadata strings came with TensorRT 10.x; earlier bindings have none)
+                       "namespace": core.plugin_namespace, "metadata": getattr(build, "metadata_string", "") or ""})
     return layers
 
 

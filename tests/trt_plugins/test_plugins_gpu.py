@@ -7,10 +7,6 @@ with identical routing, TopKDispatch and CVMM against the op set's reference, ev
 Needs a CUDA GPU; no TensorRT (none runs on the H200). The kernels are compiled here, by this
 machine's Triton.
 """
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
 import torch
 from gpu_cases import (ARCHS, DTYPES, TOKENS, D, E, G, K, assert_cvmm_output, assert_layer_output,
@@ -49,25 +45,17 @@ def node_kernels(op, config):
     return {**attributes, "kernels": data, "kernels_key": bundles.read_bundle(data)["key"]}
 
 
-CONFIGS = ([("SigmaMoE", {"dtype": dtype_name(d), "bias": b}) for d in DTYPES for b in (False, True)]
-           + [("TopKDispatch", {"selection": s}) for s in SELECTIONS]
-           + [("CVMM", {"dtype": dtype_name(d), "reduce": r}) for d in DTYPES for r in (0, 1)])
-
-
 @pytest.fixture(scope="module")
 def kernels():
-    """kernels(op, **config) -> the node's attributes with its kernels; every configuration of this module
-    is compiled at first use, in parallel processes (spawned: this one has CUDA initialised)."""
-    key = lambda op, config: (op, tuple(sorted(config.items())))  # noqa: E731
+    """kernels(op, **config) -> the node's attributes with its kernels, compiled once per configuration
+    (build_bundle compiles in processes of its own)."""
     built = {}
 
     def get(op, **config):
-        if not built:
-            workers = min(len(CONFIGS), os.cpu_count() or 1)
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results = pool.map(node_kernels, *zip(*CONFIGS))
-                built.update({key(op, config): r for (op, config), r in zip(CONFIGS, results)})
-        return built[key(op, config)]
+        key = (op, tuple(sorted(config.items())))
+        if key not in built:
+            built[key] = node_kernels(op, config)
+        return built[key]
 
     return get
 
