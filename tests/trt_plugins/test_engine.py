@@ -183,10 +183,11 @@ def test_the_build_command_says_what_it_built_and_the_trtexec_equivalent(tmp_pat
 
     status = main(["build", str(fused_layer), "-o", str(tmp_path / "l.engine"), "--min-shapes", "x:[1,1,32]",
                    "--opt-shapes", "x:[1,8,32]", "--max-shapes", "x:[2,16,32]", "--save-onnx", str(tmp_path / "l.trt.onnx")])
-    err = " ".join(capsys.readouterr().err.split())
+    out = capsys.readouterr().out.splitlines()  # results go to stdout
     assert status == 0 and (tmp_path / "l.engine").is_file()
-    assert "built, not run: TensorRT-RTX engines run on RTX GPUs only" in err
-    assert f"trtexec --onnx={tmp_path / 'l.trt.onnx'} --saveEngine={tmp_path / 'l.engine'} --dynamicPlugins=" in err
+    assert out[:2] == [f"wrote {tmp_path / 'l.engine'}", "built, not run: TensorRT-RTX engines run on RTX GPUs only"]
+    assert out[2].startswith(f"trtexec equivalent (TensorRT >= 10): trtexec --onnx={tmp_path / 'l.trt.onnx'} "
+                             f"--saveEngine={tmp_path / 'l.engine'} --dynamicPlugins=")
 
 
 @pytest.mark.slow
