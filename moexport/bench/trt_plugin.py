@@ -121,10 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape not in SHAPES:
         raise MoexportError(f"--shape {args.shape}", "is not a known shape", f"use one of {', '.join(SHAPES)}")
     dtypes, tokens = args.dtypes or list(DTYPES), args.tokens or list(TOKENS)
+    import triton
+
     from moexport.core.progress import progress
     from moexport.trt_plugins.harness import PluginHarness
 
+    gpu = torch.cuda.get_device_name()
+    name, out = args.name or "trt_plugin_" + gpu.split()[-1].lower(), Path(args.output or "bench/results")
     harness, rows, max_tokens = PluginHarness(), [], max(tokens)
+
+    def save():  # after every dtype: a call cut short by its time limit keeps what it measured
+        env = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "L2 flush": "read",
+               "within target": all(r["ratio"] <= TARGET for r in rows)}
+        return write_results(name, rows, columns=COLUMNS, out_dir=out, environment=env, notes=NOTES, plot=_plot,
+                             title="σ-MoE forward: the TensorRT plugin vs the PyTorch kernel path")
+
     with progress("benchmarking the TensorRT plugin", len(dtypes) * len(tokens)) as advance:
         for dtype in dtypes:
             layer = Layer(*SHAPES[args.shape], dtype=getattr(torch, dtype))
@@ -133,14 +144,6 @@ def main(argv: list[str] | None = None) -> int:
             for T in tokens:
                 rows.append(measure(harness, layer, attributes, args.shape, dtype, T, max_tokens))
                 advance(description=f"{dtype} T={T}")
-    import triton
-
-    gpu = torch.cuda.get_device_name()
-    env = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "L2 flush": "read",
-           "within target": all(r["ratio"] <= TARGET for r in rows)}
-    name = args.name or "trt_plugin_" + gpu.split()[-1].lower()
-    paths = write_results(name, rows, columns=COLUMNS, out_dir=Path(args.output or "bench/results"),
-                          title="σ-MoE forward: the TensorRT plugin vs the PyTorch kernel path", notes=NOTES,
-                          environment=env, plot=_plot)
+            paths = save()
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
