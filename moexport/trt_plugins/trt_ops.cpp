@@ -5,19 +5,18 @@
 // launches are moexport/native's; this file is what TensorRT's interfaces need around them.
 //
 // Fields (from the node's attributes, which the ONNX parser passes as plugin fields): the op's
-// attributes (k, selection, activation, reduce) and either `kernels`, the bundle's bytes, or
-// `kernels_key`, the key of a bundle another plugin of the network brings: `moexport build` gives the
-// bytes to the first node of each configuration only, so that an engine holds them once however many
-// layers share them. Bundles live in a process-wide registry (native/ops.h), looked up by key when a
-// plugin needs them (TensorRT deserialises layers in an order of its own).
+// attributes (k, selection, activation, reduce), `kernels_key`, the key of its bundle, and `kernels`,
+// the bundle's bytes, which `moexport build` gives to the first node of each configuration only (the
+// others' are empty), so that an engine holds them once however many layers share them. Bundles live
+// in a process-wide registry (native/ops.h), looked up by key when a plugin needs them (TensorRT
+// deserialises layers in an order of its own).
 //
 // Written against the TensorRT 11.1 headers (vendored); links to nothing of TensorRT: it finds
 // TensorRT's logger through setLoggerFinder and is found through getCreators.
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
