@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx.inliner
@@ -57,7 +58,8 @@ from moexport.opset.functions import build_function, default_opset
 
 log = logging.getLogger(__name__)
 PASSES = ("routing", "sigma_moe", "sigma_moe_portable")
-_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+           np.dtype(ml_dtypes.bfloat16): "bfloat16"}
 
 
 @dataclass
@@ -397,7 +399,7 @@ def _match_layer(graph: gs.Graph, dispatch: gs.Node, form: str, opset: int):
     d_model, n_experts = np.asarray(router.inputs[1].values).shape
     weights = _expert_weights(dispatch, router, form, n_experts)
     if weights is None:
-        return _Miss(0, f"no float32/float16 expert weights of the {form} form next to it")
+        return _Miss(0, f"no float32/float16/bfloat16 expert weights of the {form} form next to it")
     dtype, expert_size = weights
     best = _Miss(-1, "no candidate output")
     for activation, bias, o_bias, with_expert in itertools.product(ACTIVATIONS, (True, False), (True, False), (True, False)):

@@ -1,5 +1,6 @@
 """fuse: exact op-type lists after each pass, outputs unchanged in ONNX Runtime (its own graph
 optimisations off, so they cannot mask ours), checker, and the cases it must leave alone."""
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +11,7 @@ import moexport
 from moexport.core.dtypes import tolerance_for
 from moexport.core.errors import MoexportError
 from moexport.models import SigmaMoE, from_preset
-from moexport.opset import DOMAIN
+from moexport.opset import DOMAIN, reference_evaluator
 from moexport.plugins import ort_session
 
 MODES = ["dispatch", "portable"]
@@ -69,6 +70,24 @@ def test_float16_layer_fuses(tmp_path, mode):
     assert report.changed and not report.misses
     assert [n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node] == ["SigmaMoE"]
     assert_same_outputs(source, tmp_path / "fused.onnx", {"x": np.random.randn(2, 5, 16).astype(np.float16)}, "float16")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfloat16_layer_fuses(tmp_path, mode):
+    """Checked with onnx.reference (ONNX Runtime's CPU provider has no bfloat16 MatMul) against the layer."""
+    module = layer(bias=True).to(torch.bfloat16)
+    source = moexport.export_onnx(module, tmp_path / "src.onnx", mode=mode, dtype="bfloat16")
+    report = moexport.fuse(source, tmp_path / "fused.onnx", archs=())
+    fused = onnx.load(tmp_path / "fused.onnx")
+    assert report.changed and not report.misses and [n.op_type for n in fused.graph.node] == ["SigmaMoE"]
+    assert {t.data_type for t in fused.graph.initializer if t.name.endswith(("keys", "values", "bias"))} == {
+        onnx.TensorProto.BFLOAT16}
+    x = torch.randn(2, 5, 16).to(torch.bfloat16)
+    (y,) = reference_evaluator(fused).run(["y"], {"x": x.float().numpy().astype(ml_dtypes.bfloat16)})
+    with torch.no_grad():
+        want = module.reference_forward(x)
+    tol = tolerance_for("bfloat16")
+    np.testing.assert_allclose(y.astype(np.float32), want.float().numpy(), rtol=tol.rtol, atol=tol.atol)
 
 
 @pytest.mark.slow
