@@ -30,7 +30,7 @@ _MAX_PREPARED = 512
 
 
 def kernel(name: str):
-    """The @triton.jit function of a step's kernel name ('cvmm.cvmm_kernel')."""
+    """The @triton.jit function of a step's kernel name ('grouped.cvmm_kernel')."""
     if name not in _KERNELS:
         module, function = name.split(".")
         _KERNELS[name] = getattr(importlib.import_module(f"moexport.kernels.{module}"), function)

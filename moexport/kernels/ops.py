@@ -1,7 +1,7 @@
 """The kernels as PyTorch operators: `torch.library` custom ops (CUDA-graph capturable, opaque to
 torch.compile) for inference, and an autograd Function for training.
 
-Three layers, as in scattermoe: the Triton kernels (routing, cvmm, experts), the launch plans that
+Three layers, as in scattermoe: the Triton kernels (routing, grouped, experts), the launch plans that
 sequence them (plan.py, run by host.py), and these functions, which check inputs and pick plans.
 """
 from __future__ import annotations

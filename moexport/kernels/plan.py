@@ -154,7 +154,7 @@ def _cvmm_step(*, x: str, w: str, out: str, e: int, k_in: int, n_out: int, w_str
     block_n = _block_n(cfg, n_out)
     n_col = -(-n_out // block_n)
     return Step(
-        "cvmm.cvmm_kernel", (f"(cdiv(S, {tile_m}) + {e}) * {n_col}",),
+        "grouped.cvmm_kernel", (f"(cdiv(S, {tile_m}) + {e}) * {n_col}",),
         {"x_ptr": x, "w_ptr": w, "offsets_ptr": "offsets", "tile_map_ptr": "tile_map", "src_ptr": src,
          "dst_ptr": dst, "gate_ptr": gate, "bias_ptr": bias, "h_ptr": h, "pre_ptr": pre, "out_ptr": out,
          "pre_out_ptr": pre_out, "dgate_ptr": dgate, "count_ptr": count, "o_bias_ptr": o_bias, "y_ptr": y},
@@ -176,7 +176,7 @@ def _block_n(cfg: dict, n_out: int) -> int:
 
 
 def _finalize_step(acc: str, bias: str | None, out: str, width: int) -> Step:
-    return Step("cvmm.finalize_kernel", (f"cdiv(N * {width}, 1024)",),
+    return Step("grouped.finalize_kernel", (f"cdiv(N * {width}, 1024)",),
                 {"acc_ptr": acc, "bias_ptr": bias, "out_ptr": out, "N": "N"}, {"D": width, "BLOCK": 1024}, 4, 1)
 
 
@@ -451,7 +451,7 @@ def backward_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None) -> Pla
 
     def wgrad(a: str, b: str, out: str, m_dim: int, n_dim: int, **index) -> Step:
         bm, bn = min(wcfg["BLOCK_M"], pow2(m_dim)), min(wcfg["BLOCK_N"], pow2(n_dim))
-        return Step("cvmm.wgrad_kernel", (str(-(-m_dim // bm) * -(-n_dim // bn)), str(E)),
+        return Step("grouped.wgrad_kernel", (str(-(-m_dim // bm) * -(-n_dim // bn)), str(E)),
                     {"a_ptr": a, "b_ptr": b, "offsets_ptr": "offsets", "a_idx_ptr": index.get("a_idx"),
                      "b_idx_ptr": index.get("b_idx"), "scale_ptr": index.get("scale"), "out_ptr": out},
                     {"E": E, "M_DIM": m_dim, "N_DIM": n_dim, "A_DIV": index.get("a_div", 1),

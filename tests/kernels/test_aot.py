@@ -42,7 +42,7 @@ def test_compile_plan_writes_cubins_and_launch_metadata_without_a_gpu(tmp_path, 
     zeroed = [b["name"] for b in manifest["workspace"] if b["zero"]]
     last = manifest["steps"][-1]["kernel"]
     if name.endswith("pass"):
-        assert zeroed == ["acc"] and last == "cvmm.finalize_kernel"
+        assert zeroed == ["acc"] and last == "grouped.finalize_kernel"
     else:
         assert zeroed == [] and last == "experts.experts_kernel"
     # atomic: no float32 accumulator at all, the expert kernel adds bfloat16 into y

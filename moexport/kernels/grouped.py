@@ -21,6 +21,9 @@ in L2 instead of in device memory.
 
 `wgrad_kernel` computes per-expert weight gradients sum_rows a[row]^T (scale * b[row]) with the rows
 of expert e as the reduction dimension (no atomics; one program per output tile and expert).
+
+(The module is not called `cvmm`: `moexport.kernels.cvmm` is the public op, and importing a submodule
+of that name would replace the package's attribute with the module.)
 """
 from __future__ import annotations
 
