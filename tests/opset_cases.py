@@ -57,3 +57,25 @@ def sigma_moe_case(rng, *, shape, e, k, selection="sigmoid", activation="relu", 
               "values": numpy(layer.values), "bias": numpy(layer.bias), "o_bias": numpy(layer.o_bias)}
     with torch.no_grad():
         return inputs, layer(x), layer.route(x)[1]
+
+
+def nan_routing_case():
+    """Router logits with NaN (an overflowing router), k, the experts the routing rule gives them (NaN
+    ranks as -inf, ties to the lower index) and the logits as the rule sees them (for the gates)."""
+    nan, inf = float("nan"), float("inf")
+    logits = np.array([[nan, 1.0, nan, 0.5, -inf], [nan] * 5, [-inf, nan, 2.0, -inf, 1.0]], np.float32)
+    return logits, 3, np.array([[1, 3, 0], [0, 1, 2], [2, 4, 0]]), np.where(np.isnan(logits), -inf, logits)
+
+
+def rule_gates(as_rule: np.ndarray, experts: np.ndarray, selection: str) -> np.ndarray:
+    """The gates of `experts` under `selection`, from logits without NaN (float64 formulas; an all -inf
+    softmax is NaN)."""
+    as_rule = as_rule.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        chosen = np.take_along_axis(as_rule, experts, -1)
+        if selection == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-chosen))
+        scores = as_rule if selection == "softmax" else chosen
+        exp = np.exp(scores - scores.max(-1, keepdims=True))
+        soft = exp / exp.sum(-1, keepdims=True)
+        return np.take_along_axis(soft, experts, -1) if selection == "softmax" else soft

@@ -10,6 +10,9 @@ Rule (kernels, ONNX function bodies, ONNX Runtime and TensorRT kernels all imple
    (sigmoid(17) and sigmoid(25) are both 1.0 in float32).
 3. Equal logits: the lower expert index wins. The k selected experts are ordered best first, so slot j
    of token n holds its j-th best expert (slot index n*k + j in the dispatch ops).
+   A NaN logit (a NaN in the token or the router row) counts as -inf, in the ranking and in the gates:
+   NaN is not ordered, and sorts would put it first or last, or pick one expert twice. A token that
+   is all NaN thus takes experts 0..k-1 (its output is NaN through the experts' products).
 4. Gate of the selected experts by `selection`:
    ``sigmoid``: sigmoid(logit), no renormalisation (σ-MoE);
    ``softmax``: softmax over all experts, gathered at the selected ones (not renormalised);
@@ -30,6 +33,11 @@ def check_selection(selection: str) -> str:
         raise MoexportError(f"selection={selection!r}", "is not a known selection mode",
                             f"use one of {', '.join(SELECTIONS)}")
     return selection
+
+
+def nan_as_lowest(logits: torch.Tensor) -> torch.Tensor:
+    """`logits` with NaN as -inf (rule 3 above); differentiable, with no gradient into the NaN entries."""
+    return logits.masked_fill(torch.isnan(logits), float("-inf"))
 
 
 def topk_lower_index(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,6 +61,7 @@ def route(logits: torch.Tensor, k: int, selection: str = "sigmoid", *,
         (gate [..., k] float32, expert [..., k] int64), best expert first.
     """
     check_selection(selection)
+    logits = nan_as_lowest(logits)
     rank_key = logits if drop_mask is None else logits.masked_fill(drop_mask, float("-inf"))
     expert = topk_lower_index(rank_key, k)
     return gates_of(logits, expert, selection, drop_mask=drop_mask), expert
@@ -65,6 +74,7 @@ def gates_of(logits: torch.Tensor, expert: torch.Tensor, selection: str, *,
     Separate from the selection so that an implementation which ranks elsewhere (a kernel) computes
     differentiable gates with the same rule.
     """
+    logits = nan_as_lowest(logits)
     if selection == "softmax_after_topk":
         rank_key = logits if drop_mask is None else logits.masked_fill(drop_mask, float("-inf"))
         gate = torch.softmax(rank_key.gather(-1, expert), dim=-1)

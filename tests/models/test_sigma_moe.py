@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from opset_cases import nan_routing_case, rule_gates
 
 from moexport import MoexportError
 from moexport.models import SigmaMoE, route, topk_lower_index
@@ -62,6 +63,27 @@ def test_ties_go_to_the_lower_expert_index():
     gate, expert = route(logits, 2, "sigmoid")
     assert expert.tolist() == [[1, 2]]
     assert torch.allclose(gate, torch.sigmoid(torch.tensor([[2.0, 2.0]])))
+
+
+@pytest.mark.parametrize("selection", ["sigmoid", "softmax", "softmax_after_topk"])
+def test_nan_logits_rank_and_gate_as_minus_infinity(selection):
+    """torch.sort put NaN first: an overflowing router chose its NaN experts (found by tools/sweep.py)."""
+    logits, k, experts, as_rule = nan_routing_case()
+    gate, expert = route(torch.from_numpy(logits), k, selection)
+    assert expert.tolist() == experts.tolist()
+    torch.testing.assert_close(gate.double(), torch.from_numpy(rule_gates(as_rule, experts, selection)),
+                               rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+def test_a_token_of_nan_takes_the_first_experts_and_gives_nan():
+    layer = SigmaMoE(8, 5, 4, 2, bias=True).eval()
+    x = torch.randn(3, 8)
+    x[1, 4] = float("nan")
+    with torch.no_grad():
+        _, expert = layer.route(x)
+        y = layer.reference_forward(x)
+    assert expert[1].tolist() == [0, 1]
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
 
 
 def test_tied_rows_route_identically_in_a_layer():
