@@ -30,14 +30,17 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def route(logits: np.ndarray, k: int, selection: str) -> tuple[np.ndarray, np.ndarray]:
-    """(gate [..., k] float32, expert [..., k] int64): rank by logit, lower index first among equals."""
+    """(gate [..., k] float32, expert [..., k] int64): rank by logit, lower index first among equals,
+    NaN as -inf (in the ranking and the gates)."""
+    logits = np.where(np.isnan(logits), np.float32(-np.inf), logits)
     expert = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
-    if selection == "sigmoid":
-        gate = 1.0 / (1.0 + np.exp(-np.take_along_axis(logits, expert, -1).astype(np.float64)))
-    elif selection == "softmax":
-        gate = np.take_along_axis(_softmax(logits), expert, -1)
-    else:
-        gate = _softmax(np.take_along_axis(logits, expert, -1))
+    with np.errstate(over="ignore", invalid="ignore"):  # exp(inf) is inf, -inf - -inf is NaN: as in float32
+        if selection == "sigmoid":
+            gate = 1.0 / (1.0 + np.exp(-np.take_along_axis(logits, expert, -1).astype(np.float64)))
+        elif selection == "softmax":
+            gate = np.take_along_axis(_softmax(logits), expert, -1)
+        else:
+            gate = _softmax(np.take_along_axis(logits, expert, -1))
     return gate.astype(np.float32), expert
 
 

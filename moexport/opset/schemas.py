@@ -12,7 +12,8 @@ Index tensors are int32. ``T`` is float32, float16 or bfloat16.
     logits [N, E] float32 router logits. Attributes: ``k`` (1 <= k <= E), ``selection``
     ('sigmoid' | 'softmax' | 'softmax_after_topk'; default 'sigmoid').
     Experts are ranked by logit, equal logits -> lower expert index first, the k slots of a token
-    best first (`moexport.models.routing`). Slot j of token n is s = n*k + j.
+    best first (`moexport.models.routing`). Slot j of token n is s = n*k + j. A NaN logit counts as
+    -inf, in the ranking and in the gates (a row of NaN takes experts 0..k-1).
     gate [N, k] float32: sigmoid(logit) | softmax over all E, gathered | softmax over the k logits.
     expert [N, k] int32. sorted_expert [N*k] int32: the slots' experts in ascending order.
     sorted_slot [N*k] int32: the slots in that order, a *stable* sort (ascending slot within one

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from opset_cases import sigma_moe_case, single_node_model, tied_logits
+from opset_cases import nan_routing_case, rule_gates, sigma_moe_case, single_node_model, tied_logits
 
 from moexport.models import route
 from moexport.opset import reference_evaluator, sigma_moe, topk_dispatch
@@ -47,3 +47,13 @@ def test_reference_evaluator_runs_gelu_layers_whatever_their_function_bodies(rng
     np.testing.assert_allclose(y, want_y.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(expert, want_expert.numpy())
     assert any(f.domain == "moexport" for f in model.functions)  # the caller's model keeps its bodies
+
+
+@pytest.mark.parametrize("selection", ["sigmoid", "softmax", "softmax_after_topk"])
+def test_nan_logits_rank_and_gate_as_minus_infinity(selection):
+    """NumPy's sort put NaN below -inf, and the gates kept NaN (found by tools/sweep.py)."""
+    logits, k, experts, as_rule = nan_routing_case()
+    gate, expert, sorted_expert, _ = topk_dispatch(logits, k, selection)
+    np.testing.assert_array_equal(expert, experts)
+    np.testing.assert_allclose(gate, rule_gates(as_rule, experts, selection), rtol=1e-6)
+    assert sorted(sorted_expert) == sorted(experts.reshape(-1))
