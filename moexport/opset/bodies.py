@@ -17,7 +17,8 @@ needs a plugin for it) run the op-set plugins instead.
 
 Routing is exact whatever a runtime's TopK does with ties: TopK supplies the k best *values*, and the
 expert of slot j is the m-th index (in increasing order) whose logit equals value j, where m counts
-the earlier slots with the same value. That is the lower-index rule of `moexport.models.routing`.
+the earlier slots with the same value. That is the lower-index rule of `moexport.models.routing`;
+NaN logits become -inf first, as that rule has it.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def activate(op, h: ir.Value, activation: str, opset: int) -> ir.Value:
 
 def route(op, logits: ir.Value, *, k: int, selection: str) -> tuple[ir.Value, ir.Value]:
     """Routing of float32 logits [..., E]: (gate [..., k] float32, expert [..., k] int32), best first."""
+    # NaN as -inf (the routing rule): a NaN value equals no logit, and its slot took expert 0 again
+    logits = op.Where(op.IsNaN(logits), const(op, -np.inf, np.float32), logits)
     values, _ = op.TopK(logits, const(op, [k], np.int64), axis=-1, _outputs=2)
     last = const(op, -1, np.int64)
     hit = op.Equal(op.Unsqueeze(logits, [-2]), op.Unsqueeze(values, [-1]))               # [..., k, E]

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 from onnx import helper
-from opset_cases import sigma_moe_case, single_node_model, tied_logits
+from opset_cases import nan_routing_case, rule_gates, sigma_moe_case, single_node_model, tied_logits
 
 from moexport.core.errors import MoexportError
 from moexport.models import route
@@ -31,6 +31,18 @@ def test_topk_dispatch_body_follows_the_routing_rule_with_ties(rng, n, e, k, sel
     np.testing.assert_array_equal(sorted_slot, order.indices.numpy())
     np.testing.assert_array_equal(sorted_expert, order.values.numpy())
     assert {a.dtype for a in (expert, sorted_expert, sorted_slot)} == {np.dtype(np.int32)}
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_topk_dispatch_body_ranks_and_gates_nan_logits_as_minus_infinity(selection):
+    """A NaN logit equals no value TopK returns: its slot took expert 0 again, twice in one token
+    (found by tools/sweep.py)."""
+    logits, k, experts, as_rule = nan_routing_case()
+    model, feeds = single_node_model("TopKDispatch", {"logits": logits}, {"k": k, "selection": selection})
+    gate, expert, sorted_expert, _ = ort_session(model).run(None, feeds)
+    np.testing.assert_array_equal(expert, experts)
+    np.testing.assert_allclose(gate, rule_gates(as_rule, experts, selection), rtol=1e-6)
+    assert sorted(sorted_expert) == sorted(experts.reshape(-1))
 
 
 @pytest.mark.parametrize("reduce", [0, 1])
