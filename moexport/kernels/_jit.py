@@ -28,9 +28,11 @@ def mma(a, b):
 
 @triton.jit
 def activate(x, ACTIVATION: tl.constexpr):
-    """Hidden activation of a float32 tile (codes: plan.ACTIVATION_CODES; GELU is the exact erf form)."""
+    """Hidden activation of a float32 tile (codes: plan.ACTIVATION_CODES; GELU is the exact erf form);
+    NaN stays NaN, as in the reference."""
     if ACTIVATION == 1:
-        return tl.maximum(x, 0.0)
+        # max.NaN: PTX's plain max.f32 returns the operand that is not NaN, which made ReLU(NaN) = 0
+        return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == 2:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == 3:

@@ -115,3 +115,13 @@ if __name__ == "__main__":  # compile the carried manifests: python tests/kernel
 
     for plan_name, plan in carried_plans().items():
         print(compile_plan(plan, sys.argv[1], sm=90, name=plan_name))
+
+
+def test_compiled_relu_keeps_nan(tmp_path):
+    """PTX's max.f32 returns the operand that is not NaN: ReLU(NaN) was 0 on the GPU (NaN in the
+    reference and the interpreter), so a NaN token's output came out finite (found by tools/sweep.py)."""
+    relu = MoEShape(64, 8, 32, 64, 2, "float16", "sigmoid", "relu", True)
+    path = compile_plan(sigma_moe_plan(relu, 16), tmp_path, sm=90, name="relu")
+    step = next(s for s in json.loads(path.read_text())["steps"] if s["kernel"] == "experts.experts_kernel")
+    ptx = (tmp_path / step["ptx"]).read_text()
+    assert "max.NaN.f32" in ptx and "max.f32" not in ptx
