@@ -94,10 +94,14 @@ class AOTRunner:
         for name, (offset, _) in layout.items():
             pointers[name] = workspace.data_ptr() + offset
         for buf in (*m["outputs"], *m["workspace"]):
-            if buf["zero"]:
-                nbytes = layout[buf["name"]][1] if buf["name"] in layout else outputs[buf["name"]].nbytes
+            nbytes = layout[buf["name"]][1] if buf["name"] in layout else outputs[buf["name"]].nbytes
+            if buf["zero"] and nbytes:
                 _check(self.driver.cuMemsetD8Async(self.driver.CUdeviceptr(pointers[buf["name"]]), 0, nbytes,
                                                    self.driver.CUstream(stream)))
+        # a call without tokens (or rows) launches nothing, as in the Python host and the native launcher
+        # (moexport/native/bundle.cpp): some grids (the gather experts kernel's) do not depend on the count
+        if any(symbols.get(count, 1) <= 0 for count in ("N", "S")):
+            return outputs
         for step, (_, function) in zip(m["steps"], self.functions):
             self._launch(step, function, pointers, symbols, stream)
         return outputs

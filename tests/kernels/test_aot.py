@@ -125,3 +125,17 @@ def test_compiled_relu_keeps_nan(tmp_path):
     step = next(s for s in json.loads(path.read_text())["steps"] if s["kernel"] == "experts.experts_kernel")
     ptx = (tmp_path / step["ptx"]).read_text()
     assert "max.NaN.f32" in ptx and "max.f32" not in ptx
+
+
+@pytest.mark.gpu
+def test_aot_runner_takes_zero_tokens(tmp_path):
+    """No launch and no memset for an empty call, as the native launcher (the gather plan's experts grid
+    does not depend on the token count)."""
+    from moexport.kernels.launcher import AOTRunner
+
+    runner = AOTRunner(compile_plan(carried_plans()["moe_4096_pass"], tmp_path, sm=90))
+    tensors = {"x": torch.empty(0, 64), "expert_sel": torch.randn(8, 64), "keys": torch.randn(8, 64, 32),
+               "values": torch.randn(8, 32, 64), "bias": torch.randn(8, 32), "o_bias": torch.randn(64)}
+    y = runner.run({n: t.to("cuda", torch.bfloat16) for n, t in tensors.items()})["y"]
+    torch.cuda.synchronize()
+    assert y.shape == (0, 64)
