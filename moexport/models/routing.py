@@ -4,7 +4,10 @@ Rule (kernels, ONNX function bodies, ONNX Runtime and TensorRT kernels all imple
 
 1. Router logits are computed in float32 (``x`` and ``expert_sel`` upcast, fp32 accumulation) whatever
    the model dtype. The router is tiny (d x E), and half-precision logits would turn many routing
-   decisions into ties.
+   decisions into ties. Equal router rows give equal logits (the PyTorch and NumPy references take
+   the product in float64 and round it once, since float32 GEMMs do not sum every column alike);
+   logits that differ only by the order of the float32 sums are near-ties, on which implementations
+   may legitimately disagree.
 2. Experts are ranked by their raw logit. Sigmoid and softmax are strictly increasing, so this is the
    paper's top-k over scores, minus the artificial ties that rounding of saturated scores creates
    (sigmoid(17) and sigmoid(25) are both 1.0 in float32).

@@ -119,9 +119,15 @@ class SigmaMoE(ConfigModule):
             self.o_bias.zero_()
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Float32 router logits [..., E] (see `moexport.models.routing`), also under autocast."""
+        """Float32 router logits [..., E] (see `moexport.models.routing`), also under autocast.
+
+        The product is taken in float64 (where the device has it) and rounded once: a float32 GEMM
+        sums some output columns in other code paths (MKL's remainder columns), so two equal router
+        rows gave logits an ulp apart, and the tie that rule 3 gives to the lower index went either way.
+        """
+        wide = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.expert_sel.float())
+            return F.linear(x.to(wide), self.expert_sel.to(wide)).float()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference routing of `x` [..., d]: (gate [..., k] float32, expert [..., k] int64), best first."""
