@@ -70,7 +70,9 @@ def sigma_moe(x, expert_sel, keys, values, bias=None, o_bias=None, k: int = 1, s
               activation: str = "relu", with_expert: bool = False):
     """SigmaMoE: y [..., dv] in x's dtype (and expert [..., k] int64)."""
     flat = x.reshape(-1, x.shape[-1])
-    gate, expert = route(flat.astype(np.float32) @ expert_sel.astype(np.float32).T, k, selection)
+    # the product in float64, rounded once: equal router rows give equal logits (see models.routing)
+    logits = (flat.astype(np.float64) @ expert_sel.astype(np.float64).T).astype(np.float32)
+    gate, expert = route(logits, k, selection)
     out = np.zeros((flat.shape[0], values.shape[2]), np.float32)
     for e in range(keys.shape[0]):
         rows, slots = np.nonzero(expert == e)

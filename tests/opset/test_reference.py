@@ -57,3 +57,16 @@ def test_nan_logits_rank_and_gate_as_minus_infinity(selection):
     np.testing.assert_array_equal(expert, experts)
     np.testing.assert_allclose(gate, rule_gates(as_rule, experts, selection), rtol=1e-6)
     assert sorted(sorted_expert) == sorted(experts.reshape(-1))
+
+
+def test_equal_router_rows_route_to_the_lower_index(rng):
+    """As the PyTorch layer (float64 router product, rounded once): a float32 GEMM gave equal rows logits
+    an ulp apart in some columns (found by tools/sweep.py)."""
+    d, g = 101, 3
+    for e in range(2, 40):
+        x = rng.standard_normal((37, d)).astype(np.float32)
+        expert_sel = rng.standard_normal((e, d)).astype(np.float32)
+        expert_sel[e - 1] = expert_sel[0]
+        keys, values = (rng.standard_normal(shape).astype(np.float32) for shape in ((e, d, g), (e, g, d)))
+        _, expert = sigma_moe(x, expert_sel, keys, values, k=1, with_expert=True)
+        assert not (expert == e - 1).any(), e
