@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sweep import check, compare_values, near_ties, run_case, run_group
+from sweep import check, compare_values, near_ties, run_case, run_group, summarize
 from sweep_cases import PROFILES, SPECIALS, case_of, make_data
 
 from moexport.core.dtypes import tolerance_for
@@ -211,3 +211,19 @@ def test_a_bundle_plan_becomes_the_manifest_compile_plan_writes(tmp_path):
             # compile_plan's arguments also carry the kernel's parameter names, which launchers do not read
             assert a["args"] == [{k: v for k, v in arg.items() if k != "name"} for arg in b["args"]]
             assert (tmp_path / a["cubin"]).read_bytes() == (tmp_path / f"ref{tokens}" / b["cubin"]).read_bytes()
+
+
+def test_the_summary_counts_cases_per_implementation_and_sets_the_open_divergence_apart():
+    def record(case, passed, *problems):
+        verdicts = [{"impl": "reference", "status": "passed", "problems": []},
+                    {"impl": "aot", "status": "passed" if passed else "failed", "problems": list(problems)},
+                    {"impl": "ort_cuda", "status": "skipped", "problems": ["needs a CUDA GPU"]}]
+        return {"case": case, "replay": f"replay {case}", "passed": passed, "verdicts": verdicts}
+
+    text = summarize([record("a", True), record("b", False, "y: ... (the kernels' plan adds 16 bfloat16 atomics "
+                                                            "into each output, rounding each)"),
+                      record("c", False, "3 token(s) routed differently (set)")])
+    assert text.splitlines()[0] == ("3 cases, 1 passed, 2 failed (1 of them only by bfloat16 atomic summation, "
+                                    "the open divergence)")
+    assert "aot             2 failed, 1 passed" in text and "ort_cuda        3 skipped" in text
+    assert "FAILED [bfloat16 atomics] b" in text and "FAILED c" in text and "replay c" in text
