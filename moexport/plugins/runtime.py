@@ -134,10 +134,16 @@ def run_with_tensors(session, inputs: dict, outputs: dict) -> None:
         inputs: Graph inputs by name, contiguous torch tensors.
         outputs: Graph outputs by name, contiguous torch tensors of the right shape and dtype.
     """
+    import torch
+
     binding = session.io_binding()
+    spare = []  # one element behind each empty tensor, alive until the run ends
     for bind, tensors in ((binding.bind_input, inputs), (binding.bind_output, outputs)):
         for name, tensor in tensors.items():
             device = tensor.device
+            if tensor.numel() == 0:  # ONNX Runtime refuses a null pointer, which is what an empty tensor has;
+                spare.append(torch.empty(1, dtype=tensor.dtype, device=device))  # none of its elements is read
+            pointer = spare[-1].data_ptr() if tensor.numel() == 0 else tensor.data_ptr()
             bind(name, device.type, device.index or 0, _ELEMENT_TYPES[str(tensor.dtype).removeprefix("torch.")],
-                 list(tensor.shape), tensor.data_ptr())
+                 list(tensor.shape), pointer)
     session.run_with_iobinding(binding)

@@ -13,7 +13,7 @@ from opset_cases import nan_routing_case, rule_gates, sigma_moe_case, single_nod
 from moexport.core.errors import MoexportError
 from moexport.models import route
 from moexport.opset import DOMAIN, cvmm, topk_dispatch
-from moexport.plugins import ort_session
+from moexport.plugins import ort_session, run_with_tensors
 
 SELECTIONS = ["sigmoid", "softmax", "softmax_after_topk"]
 
@@ -85,6 +85,20 @@ def test_sigma_moe_body_in_float16_is_within_tolerance(rng):
     assert y.dtype == np.float16
     np.testing.assert_allclose(y.astype(np.float32), want_y.float().numpy(), rtol=1e-2, atol=1e-2)
     np.testing.assert_array_equal(expert, want_expert.numpy())
+
+
+@pytest.mark.parametrize("n_tokens", [0, 3])
+def test_run_with_tensors_binds_torch_tensors_empty_ones_too(rng, n_tokens):
+    """ONNX Runtime refuses to bind a null pointer, which an empty torch tensor has: zero tokens raised
+    'Pointer to data memory is not valid' (found by tools/sweep.py)."""
+    inputs, _, _ = sigma_moe_case(rng, shape=(1,), e=4, k=2)
+    model, _ = single_node_model("SigmaMoE", {**inputs, "x": np.zeros((n_tokens, 12), np.float32)}, {"k": 2})
+    x = torch.randn(n_tokens, 12)
+    y, expert = torch.full((n_tokens, 12), float("nan")), torch.full((n_tokens, 2), -1, dtype=torch.int64)
+    run_with_tensors(ort_session(model), {"x": x}, {"y": y, "expert": expert})
+    want_y, want_expert = ort_session(model).run(None, {"x": x.numpy()})
+    np.testing.assert_array_equal(y.numpy(), want_y)
+    np.testing.assert_array_equal(expert.numpy(), want_expert)
 
 
 def test_optional_expert_output_can_be_left_out(rng):
