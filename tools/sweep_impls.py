@@ -20,29 +20,16 @@ aot                the node's kernel bundle (`moexport fuse`'s), its cubins     
                    launched through the CUDA driver by `AOTRunner`
 ort_cuda           the same bundle in the compiled op library on ONNX           GPU
                    Runtime's CUDA execution provider
+trt                the same bundle in the TensorRT plugin library, called as    GPU
+                   TensorRT calls it (`moexport.trt_plugins.harness`: the
+                   parser's fields, a profile up to the group's largest T,
+                   serialisation, the runtime plugin, enqueue)
 =================  ===========================================================  ===============
 
 A new implementation joins the sweep with a subclass of `Implementation` and one `register(...)`
-call; the harness runs every registered one whose `available()` and `supports()` say yes. The
-TensorRT plugins' launch path joins so (the harness's name and call are whatever `moexport.trt_plugins`
-gives them; add "trt" to MOEXPORT_SWEEP_REQUIRE in tools/sweep_h200.sh to make it count)::
-
-    class TrtPlugin(Implementation):
-        name = "trt"
-
-        def available(self, device):
-            return "needs a CUDA GPU" if device != "cuda" else _needs("tensorrt")
-
-        def run(self, case, data, device):
-            from moexport.trt_plugins import <harness>
-
-            outputs = empty_outputs(case, device)        # the op's outputs, flat [T, ...]
-            <harness>(case.layer.op, attributes(case.layer), compiled_bundle(case.layer),
-                      op_inputs(case, data), outputs)     # enqueue the plugin on CUDA tensors
-            torch.cuda.synchronize()
-            return outputs
-
-    register(TrtPlugin())
+call; the harness runs every registered one whose `available()` and `supports()` say yes (`Trt`
+below is the pattern: the layer's bundle from `compiled_bundle`, outputs from `empty_outputs`); the
+device script (tools/sweep_h200.sh) names those that must run on every GPU case.
 """
 from __future__ import annotations
 
@@ -394,7 +381,7 @@ class Aot(Implementation):
         named = dict(zip(OUTPUTS[L.op], manifest["op_outputs"]))
         result = {name: out[plan_name] for name, plan_name in named.items() if plan_name}
         if L.op == "SigmaMoE":
-            result = {n: t.reshape(*case.lead, -1) for n, t in result.items()}
+            result = {n: t.reshape(*case.lead, t.shape[-1]) for n, t in result.items()}
         return result
 
 
@@ -451,8 +438,69 @@ class OrtCuda(Implementation):
         if compiled_calls() == before and case.tokens:
             raise RuntimeError("ONNX Runtime ran the function body, not the compiled kernels")
         if L.op == "SigmaMoE":
-            outputs = {n: t.reshape(*case.lead, -1) for n, t in outputs.items()}
+            outputs = {n: t.reshape(*case.lead, t.shape[-1]) for n, t in outputs.items()}
         return outputs
+
+
+@functools.lru_cache(maxsize=1)
+def _plugin_harness():
+    from moexport.trt_plugins.harness import PluginHarness
+
+    return PluginHarness()
+
+
+class Trt(Implementation):
+    """The TensorRT plugins (`libmoexport_trt.so`) running the layer's bundle, driven through TensorRT's
+    calls by `moexport.trt_plugins.harness` (no TensorRT runs engines on these GPUs): createPlugin from
+    the node's fields as `moexport build` gives them, a profile up to the group's largest token count,
+    the runtime plugin from the serialised fields, enqueue on torch's stream."""
+
+    name = "trt"
+
+    def available(self, device):
+        if device != "cuda":
+            return "needs a CUDA GPU"
+        from moexport.core.errors import MoexportError
+        from moexport.trt_plugins.harness import harness_library
+        from moexport.trt_plugins.library import trt_library
+
+        try:
+            trt_library(), harness_library()
+        except MoexportError as error:
+            return f"{error.culprit} {error.problem}"
+        return None
+
+    def run(self, case, data, device):
+        from moexport.kernels.bundle import read_bundle
+        from moexport.trt_plugins.harness import prepare
+
+        L, T = case.layer, case.tokens
+        bundle = compiled_bundle(L)
+        node = {**attributes(L), "kernels": bundle, "kernels_key": read_bundle(bundle)["key"]}
+        inputs = {n: t.contiguous() for n, t in op_inputs(case, data).items()}
+        outputs = empty_outputs(case, device)
+        if L.op == "SigmaMoE":  # [batch, seq, d], as the parser gives a layer's tokens
+            inputs["x"] = inputs["x"].reshape(1, T, L.d)
+            outputs = {n: t.reshape(1, T, t.shape[-1]) for n, t in outputs.items()}
+        call = prepare(_plugin_harness(), L.op, "sweep", node, list(inputs.values()), list(outputs.values()),
+                       largest=[_largest(L, n, t) for n, t in inputs.items()])
+        call(torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        return {n: t.reshape(*case.lead, t.shape[-1]) if L.op == "SigmaMoE" else t for n, t in outputs.items()}
+
+
+def _largest(L: Layer, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
+    """An input's shape in the profile: the group's largest token count where the shape has tokens."""
+    top, rows = max_tokens(L), max_tokens(L) * L.k
+    if name == "x" and L.op == "SigmaMoE":
+        return (1, top, L.d)
+    if name == "x":  # CVMM: token rows (up projection) or slot rows (down)
+        return (rows if L.reduce else top, L.d)
+    if name == "logits":
+        return (top, L.n_experts)
+    if name in ("sorted_expert", "src_row", "dst_row", "gate") and L.op == "CVMM":
+        return (rows,)
+    return tuple(tensor.shape)
 
 
 def empty_outputs(case: Case, device: str) -> dict[str, torch.Tensor]:
@@ -468,5 +516,5 @@ def empty_outputs(case: Case, device: str) -> dict[str, torch.Tensor]:
     return {"out": torch.empty(T if L.reduce else T * L.k, L.v_dim, device=device)}
 
 
-for _implementation in (Reference(), OnnxReference(), Ort(), Triton(), Aot(), OrtCuda()):
+for _implementation in (Reference(), OnnxReference(), Ort(), Triton(), Aot(), OrtCuda(), Trt()):
     register(_implementation)

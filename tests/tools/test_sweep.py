@@ -9,10 +9,10 @@ four other processes competing).
 
 GPU (marked gpu, one device call: tools/sweep_h200.sh): seed 1, 32 groups of 32 cases (1024), each
 group one layer whose kernels compile once, run by the reference on the GPU, the Triton kernels
-(JIT), the layer's kernel bundle through the CUDA driver (AOT) and through the ONNX Runtime op
-library on the CUDA provider. MOEXPORT_SWEEP_REQUIRE names the implementations that must run on
-every case (the device script requires all three); MOEXPORT_SWEEP_RESULTS a folder for the per-case
-records (`python tools/sweep.py --summarize` counts them).
+(JIT), and the layer's kernel bundle through the CUDA driver (AOT), through the ONNX Runtime op
+library on the CUDA provider and through the TensorRT plugins (the harness). MOEXPORT_SWEEP_REQUIRE
+names the implementations that must run on every case (the device script requires all four);
+MOEXPORT_SWEEP_RESULTS a folder for the per-case records (`python tools/sweep.py --summarize`).
 """
 import json
 import os
