@@ -3,9 +3,9 @@ reference on seeded random layer configurations.
 
 CPU (CI): seeds 1 and 2, cases 0-99 of each: 200 cases, every one run by the PyTorch reference, the
 Triton kernels in the interpreter, `onnx.reference` with the NumPy references and ONNX Runtime's CPU
-provider running the function bodies (not for bfloat16 layers, which it cannot multiply): about
-150 s of CPU time, 75-80 s with `-n 2` on the 2-core machine when nothing else runs there (2m35 with
-four other processes competing).
+provider running the function bodies (not for bfloat16 layers, which it cannot multiply): this
+file took 66 s with `-n 2` on the 2-core machine (110 s of CPU time), 2m35 while other sessions'
+tests shared the machine.
 
 GPU (marked gpu, one device call: tools/sweep_h200.sh): seed 1, 32 groups of 32 cases (1024), each
 group one layer whose kernels compile once, run by the reference on the GPU, the Triton kernels
