@@ -121,11 +121,15 @@ class SigmaMoE(ConfigModule):
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 router logits [..., E] (see `moexport.models.routing`), also under autocast.
 
-        The product is taken in float64 (where the device has it) and rounded once: a float32 GEMM
-        sums some output columns in other code paths (MKL's remainder columns), so two equal router
-        rows gave logits an ulp apart, and the tie that rule 3 gives to the lower index went either way.
+        Without autograd (inference, the reference runs of `validate`) the product is taken in float64
+        (where the device has it) and rounded once: a float32 GEMM sums some output columns in other code
+        paths (MKL's remainder columns), so two equal router rows gave logits an ulp apart, and the tie
+        that rule 3 gives to the lower index went either way. Training keeps the float32 product: a
+        float64 copy of every token and its backward would cost memory and time for ties that do not
+        matter there.
         """
-        wide = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
+        exact = not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda")
+        wide = torch.float64 if exact else torch.float32
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.to(wide), self.expert_sel.to(wide)).float()
 
