@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moexport.bench.report import results_folder, write_results
+from moexport.bench.report import add_results_options, results_folder, results_name, write_results
 from moexport.core.errors import MoexportError
 
 SHAPES = {  # name: (d_model, n_experts, expert_size, k)
@@ -323,9 +323,7 @@ def cells_of(args: argparse.Namespace, program: str) -> list[tuple[str, int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moexport bench kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-o", "--output", default=None,
-                        help="Results folder. Defaults to a fresh ./moexport-bench/kernels-<date>-<time>.")
-    parser.add_argument("--name", default=None, help="File stem. Defaults to kernels_<gpu>, e.g. kernels_h200.")
+    add_results_options(parser, "kernels", "kernels")
     parser.add_argument("--no-graph", action="store_true", help="Do not time the CUDA-graph replays.")
     add_cell_options(parser)
     args = parser.parse_args(argv)
@@ -346,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "dtype": "bfloat16",
            "L2 flush": args.flush,
            "configs": f"tuned in this call ({Path(args.configs).name})" if args.configs else "shipped"}
-    name = args.name or "kernels_" + gpu.split()[-1].lower()
+    name = results_name(args.name, "kernels")
     paths = write_results(name, rows, columns=COLUMNS, out_dir=results_folder(args.output, "kernels"),
                           title="σ-MoE FFN forward: moexport kernels vs baselines", notes=NOTES,
                           environment=env, plot=_plot)

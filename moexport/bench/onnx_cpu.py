@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moexport.bench.report import results_folder, write_results
+from moexport.bench.report import add_results_options, results_folder, write_results
 from moexport.core.progress import progress
 from moexport.exporter import export_onnx, fuse
 from moexport.models import SigmaMoE, from_preset
@@ -139,13 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moexport.bench onnx-cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256, help="Tokens of the batch-1 sequence. Defaults to 256.")
     parser.add_argument("--iterations", type=int, default=20, help="Timed runs per row. Defaults to 20.")
-    parser.add_argument("--out", default=None,
-                        help="Results folder. Defaults to a fresh ./moexport-bench/onnx-cpu-<date>-<time>.")
+    add_results_options(parser, "onnx-cpu")
     parser.add_argument("--max-load", type=float, default=1.0,
                         help="Start timing once the 1-minute load average is below this. Defaults to 1.0.")
     parser.add_argument("--patience", type=float, default=900, help="Seconds to wait for that. Defaults to 900.")
     args = parser.parse_args(argv)
-    out = results_folder(args.out, "onnx-cpu")
+    out = results_folder(args.output, "onnx-cpu")
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     tokens = args.tokens

@@ -36,7 +36,7 @@ import torch
 from onnx import helper
 
 from moexport.bench.kernels import flush_l2
-from moexport.bench.report import results_folder, write_results
+from moexport.bench.report import add_results_options, results_folder, results_name, write_results
 from moexport.core.errors import MoexportError
 from moexport.core.progress import progress
 from moexport.exporter import export_onnx, fuse
@@ -224,8 +224,7 @@ def _plot(rows, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moexport bench onnx-gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-o", "--out", default=None,
-                        help="Results folder. Defaults to a fresh ./moexport-bench/onnx-gpu-<date>-<time>.")
+    add_results_options(parser, "onnx-gpu", "onnx_gpu")
     parser.add_argument("--reps", type=int, default=30, help="Timed calls per cell. Defaults to 30.")
     parser.add_argument("--tokens", nargs="*", type=int, default=None, help="Defaults to 1 16 256 4096 32768.")
     parser.add_argument("--no-lm", action="store_true", help="Layers only, no whole LMs.")
@@ -240,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
            "kernels": f"compiled for sm_{', sm_'.join(map(str, ARCHS))} at fuse time"}
-    name = f"onnx_gpu_{torch.cuda.get_device_name().split()[1].lower()}"
-    out = results_folder(args.out, "onnx-gpu")
+    name, out = results_name(args.name, "onnx_gpu"), results_folder(args.output, "onnx-gpu")
     rows, lm_rows = [], []
 
     def save():  # after every cell: a call cut short by its time limit keeps what it measured

@@ -54,6 +54,22 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], *, columns: Sequenc
     return paths
 
 
+def add_results_options(parser, suite: str, stem: str | None = None) -> None:
+    """The options every suite takes for where its results go: -o/--output DIR (also --out), and for
+    suites named after the GPU, --name STEM (default `<stem>_<gpu>`)."""
+    parser.add_argument("-o", "--output", "--out", dest="output", default=None,
+                        help=f"Results folder. Defaults to a fresh ./moexport-bench/{suite}-<date>-<time>.")
+    if stem:
+        parser.add_argument("--name", default=None, help=f"File stem. Defaults to {stem}_<gpu>, e.g. {stem}_h200.")
+
+
+def results_name(name: str | None, stem: str) -> str:
+    """`name`, or `<stem>_<gpu>` after the CUDA device's model (e.g. kernels_h200)."""
+    import torch
+
+    return name or f"{stem}_{torch.cuda.get_device_name().split()[1].lower()}"
+
+
 def results_folder(out: str | os.PathLike | None, suite: str) -> Path:
     """Where a suite writes: `out`, checked, or a fresh ./moexport-bench/<suite>-<date>-<time> (never the
     checkout's committed bench/results unless asked for)."""

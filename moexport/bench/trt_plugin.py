@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moexport.bench.kernels import SHAPES, TOKENS, Layer, _host_us, agreement, median_ms
-from moexport.bench.report import results_folder, write_results
+from moexport.bench.report import add_results_options, results_folder, results_name, write_results
 from moexport.core.errors import MoexportError
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -110,9 +110,7 @@ max_err, flips: the plugin's y against the PyTorch path's (`moexport.bench.kerne
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moexport bench trt-plugin", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-o", "--output", default=None,
-                        help="Results folder. Defaults to a fresh ./moexport-bench/trt-plugin-<date>-<time>.")
-    parser.add_argument("--name", default=None, help="File stem. Defaults to trt_plugin_<gpu>, e.g. trt_plugin_h200.")
+    add_results_options(parser, "trt-plugin", "trt_plugin")
     parser.add_argument("--shape", default="WT103-small", help=f"Layer shape, one of {', '.join(SHAPES)}.")
     parser.add_argument("--tokens", nargs="*", type=int, default=None, help="Defaults to 1 16 256 4096 32768.")
     parser.add_argument("--dtypes", nargs="*", default=None, help=f"Defaults to {' '.join(DTYPES)}.")
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from moexport.trt_plugins.harness import PluginHarness
 
     gpu = torch.cuda.get_device_name()
-    name, out = args.name or "trt_plugin_" + gpu.split()[-1].lower(), results_folder(args.output, "trt-plugin")
+    name, out = results_name(args.name, "trt_plugin"), results_folder(args.output, "trt-plugin")
     harness, rows, max_tokens = PluginHarness(), [], max(tokens)
 
     def save():  # after every dtype: a call cut short by its time limit keeps what it measured

@@ -51,6 +51,21 @@ class JsonParser {
     return true;
   }
 
+  // The comma-separated elements of an object or array up to `close` (its opening bracket read).
+  template <typename Element>
+  void elements(char close, Element element) {
+    if (peek() == close) {
+      ++pos_;
+      return;
+    }
+    while (true) {
+      element();
+      if (peek() != ',') break;
+      ++pos_;
+    }
+    expect(close);
+  }
+
   Json parse_value(int depth) {
     if (depth > kMaxDepth) fail("nesting too deep");
     Json value;
@@ -58,39 +73,19 @@ class JsonParser {
     if (c == '{') {
       ++pos_;
       value.kind_ = Json::Kind::Object;
-      if (peek() == '}') {
-        ++pos_;
-        return value;
-      }
-      while (true) {
+      elements('}', [&] {
         if (peek() != '"') fail("expected a member name");
         std::string key = parse_string();
         expect(':');
         value.object_[key] = parse_value(depth + 1);
-        if (peek() == ',') {
-          ++pos_;
-          continue;
-        }
-        expect('}');
-        return value;
-      }
+      });
+      return value;
     }
     if (c == '[') {
       ++pos_;
       value.kind_ = Json::Kind::Array;
-      if (peek() == ']') {
-        ++pos_;
-        return value;
-      }
-      while (true) {
-        value.array_.push_back(parse_value(depth + 1));
-        if (peek() == ',') {
-          ++pos_;
-          continue;
-        }
-        expect(']');
-        return value;
-      }
+      elements(']', [&] { value.array_.push_back(parse_value(depth + 1)); });
+      return value;
     }
     if (c == '"') {
       value.kind_ = Json::Kind::String;
