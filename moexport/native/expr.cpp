@@ -1,6 +1,7 @@
 #include "expr.h"
 
 #include <cctype>
+#include <initializer_list>
 
 #include "error.h"
 
@@ -79,22 +80,24 @@ class Parser {
     return true;
   }
 
-  NodePtr sum() {
-    NodePtr node = product();
-    while (true) {
-      if (accept("+")) node = make(Op::Add, node, product());
-      else if (accept("-")) node = make(Op::Sub, node, product());
-      else return node;
-    }
-  }
+  NodePtr sum() { return left_to_right(&Parser::product, {{"+", Op::Add}, {"-", Op::Sub}}); }
 
-  NodePtr product() {
-    NodePtr node = unary();
-    while (true) {
-      if (accept("//")) node = make(Op::FloorDiv, node, unary());
-      else if (accept("*")) node = make(Op::Mul, node, unary());
-      else return node;
+  NodePtr product() { return left_to_right(&Parser::unary, {{"//", Op::FloorDiv}, {"*", Op::Mul}}); }
+
+  // operand (op operand)*, grouped from the left, for the operators of one precedence level
+  NodePtr left_to_right(NodePtr (Parser::*operand)(), std::initializer_list<std::pair<const char*, Op>> ops) {
+    NodePtr node = (this->*operand)();
+    for (bool more = true; more;) {
+      more = false;
+      for (const auto& [token, op] : ops) {
+        if (accept(token)) {
+          node = make(op, node, (this->*operand)());
+          more = true;
+          break;
+        }
+      }
     }
+    return node;
   }
 
   NodePtr unary() {
