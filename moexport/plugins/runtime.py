@@ -25,9 +25,10 @@ from moexport.opset.functions import kernels_input
 LIBRARY = "libmoexport_ort.so"
 
 
-def _load(model: str | os.PathLike | onnx.ModelProto, *, load_external_data: bool) -> tuple[onnx.ModelProto, str]:
+def _load(model: str | os.PathLike | onnx.ModelProto, *, load_external_data: bool,
+          source: str | None = None) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
-        return model, "the model"
+        return model, source or "the model"
     return load_model(model, load_external_data=load_external_data), str(Path(model))
 
 
@@ -68,7 +69,7 @@ def _uses_cuda(providers: list) -> bool:
 
 
 def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[str] | None = None,
-                threads: int | None = None, optimization: str | None = None):
+                threads: int | None = None, optimization: str | None = None, source: str | None = None):
     """An ONNX Runtime InferenceSession for a graph with moexport ops.
 
     With the CUDA execution provider, nodes that carry compiled kernels run them (the op library is
@@ -80,6 +81,7 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[s
         providers: Execution providers, names or (name, options). Defaults to ["CPUExecutionProvider"].
         threads: Intra-op threads. Defaults to ONNX Runtime's choice (all cores).
         optimization: Graph optimisation level: 'disable', 'basic', 'extended' or 'all'. Defaults to 'all'.
+        source: How errors name a ModelProto (the file it was read from). Defaults to "the model".
 
     Raises:
         MoexportError: Unreadable file, unknown moexport op-set version, or a graph ONNX Runtime rejects.
@@ -91,7 +93,7 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[s
     optimization = "all" if optimization is None else optimization
     if optimization not in levels:
         raise MoexportError(f"optimization={optimization!r}", "is not a level", f"use one of {', '.join(levels)}")
-    proto, culprit = _load(model, load_external_data=False)
+    proto, culprit = _load(model, load_external_data=False, source=source)
     check_opset_imports(proto, culprit)
     providers = providers or ["CPUExecutionProvider"]
     options = ort.SessionOptions()

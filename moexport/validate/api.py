@@ -104,7 +104,7 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
         tolerance = tolerance_for(dtype)
         tolerance = Tolerance(rtol=tolerance.rtol if rtol is None else rtol,
                               atol=tolerance.atol if atol is None else atol, tie=tolerance.tie)
-        artifact_runners = [_make_runner(name, source) for name in runners]
+        artifact_runners = [_make_runner(name, source, artifact) for name in runners]
         if metadata is None:
             metadata, outputs = _engine_io(artifact_runners[0])
         check_io(model, str(artifact), metadata, outputs)
@@ -183,15 +183,15 @@ def _ort_has_cuda() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-def _make_runner(name: str, source: Path | onnx.ModelProto):
+def _make_runner(name: str, source: Path | onnx.ModelProto, artifact: Path):
     if name == "trt":
         return trt_runner(source)
     if name == "onnxrt":
-        return onnxrt_runner(source)
+        return onnxrt_runner(source, source=str(artifact))
     if not _ort_has_cuda():
         raise MoexportError(f"runner {name!r}", "needs ONNX Runtime's CUDA execution provider, which is not installed",
                             "install onnxruntime-gpu (pip install 'moexport[gpu]') on a machine with a CUDA GPU")
-    return onnxrt_runner(source, providers=["CUDAExecutionProvider"])
+    return onnxrt_runner(source, providers=["CUDAExecutionProvider"], source=str(artifact))
 
 
 def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitStack):

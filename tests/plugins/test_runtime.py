@@ -145,3 +145,12 @@ def test_bad_attributes_are_named(rng, attributes, message):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(MoexportError, match="does not exist"):
         ort_session(tmp_path / "nothing.onnx")
+
+
+def test_a_rejected_graph_in_memory_is_named_by_the_file_it_came_from():
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    with pytest.raises(MoexportError, match=r"^weird\.onnx \| is rejected by ONNX Runtime"):
+        ort_session(model, source="weird.onnx")
