@@ -38,6 +38,7 @@ from onnx import helper
 from moexport.bench.kernels import flush_l2
 from moexport.bench.report import add_results_options, results_folder, results_name, write_results
 from moexport.core.errors import MoexportError
+from moexport.core.onnx_files import ELEMENT_TYPES
 from moexport.core.progress import progress
 from moexport.exporter import export_onnx, fuse
 from moexport.models import DenseMLP, SigmaMoE, from_preset
@@ -78,7 +79,7 @@ def _ort_moe_graph(d: int, E: int, G: int, k: int, dtype: str, sel: torch.Tensor
                    values: torch.Tensor) -> onnx.ModelProto:
     """ONNX Runtime's com.microsoft.MoE of the same sizes: router MatMul, then MoE (softmax over the
     logits inside, weights [E, out, in])."""
-    elem = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}[dtype]
+    elem = ELEMENT_TYPES[dtype]
     inits = [_half_tensor(sel.t(), "router", elem), _half_tensor(keys.transpose(1, 2), "fc1", elem),
              _half_tensor(values.transpose(1, 2), "fc2", elem)]
     nodes = [helper.make_node("MatMul", ["x", "router"], ["logits"]),

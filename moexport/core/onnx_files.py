@@ -11,8 +11,10 @@ from moexport.core.errors import InternalError, MoexportError, first_line
 
 _TWO_GB = 2**31
 DTYPE_KEY = "moexport.dtype"  # metadata: the dtype the model was exported in (validate's tolerances)
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.BFLOAT16: "bfloat16"}
+# ONNX element type -> dtype name of the float types moexport models compute in
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.BFLOAT16: "bfloat16"}
+ELEMENT_TYPES = {name: elem_type for elem_type, name in FLOAT_TYPES.items()}  # the other way
 
 
 def record_dtype(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
@@ -31,7 +33,7 @@ def model_dtype(model: onnx.ModelProto) -> str | None:
     if recorded:
         return recorded
     types = (o.type.tensor_type.elem_type for o in model.graph.output)
-    return next((_FLOAT_TYPES[t] for t in types if t in _FLOAT_TYPES), None)
+    return next((FLOAT_TYPES[t] for t in types if t in FLOAT_TYPES), None)
 
 
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:

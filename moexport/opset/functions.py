@@ -14,6 +14,7 @@ from onnx import helper
 from onnxscript import ir
 
 from moexport.core.errors import MoexportError
+from moexport.core.onnx_files import FLOAT_TYPES
 from moexport.models.activations import ACTIVATIONS
 from moexport.models.routing import SELECTIONS
 from moexport.opset import bodies
@@ -37,9 +38,7 @@ def kernels_input(node: onnx.NodeProto) -> str:
         return ""
     index = SIGNATURES[node.op_type][0].index(KERNELS)
     return node.input[index] if index < len(node.input) else ""
-_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-           onnx.TensorProto.BFLOAT16: "bfloat16"}
-IR_DTYPES = {name: ir.DataType(elem_type) for elem_type, name in _DTYPES.items()}
+IR_DTYPES = {name: ir.DataType(elem_type) for elem_type, name in FLOAT_TYPES.items()}
 
 
 def tensor_types(graph: onnx.GraphProto) -> dict[str, tuple[int, tuple]]:
@@ -86,10 +85,10 @@ def node_config(node: onnx.NodeProto, types: dict[str, tuple[int, tuple]]) -> di
             raise MoexportError(where, f"weight {weight!r} has no known type and [E, d, G] shape",
                                 "weights must be initializers or graph inputs with static shapes")
         elem_type, dims = types[weight]
-        if elem_type not in _DTYPES:
+        if elem_type not in FLOAT_TYPES:
             raise MoexportError(where, f"weight {weight!r} has element type "
-                                f"{onnx.TensorProto.DataType.Name(elem_type)}", f"use one of {', '.join(_DTYPES.values())}")
-        config.update(n_experts=dims[0], dtype=_DTYPES[elem_type])
+                                f"{onnx.TensorProto.DataType.Name(elem_type)}", f"use one of {', '.join(FLOAT_TYPES.values())}")
+        config.update(n_experts=dims[0], dtype=FLOAT_TYPES[elem_type])
     if node.op_type == "SigmaMoE":
         config["with_expert"] = len(node.output) > 1 and node.output[1] != ""
     _check_config(config, where)

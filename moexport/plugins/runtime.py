@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from moexport.core.errors import MoexportError
-from moexport.core.onnx_files import load_model
+from moexport.core.onnx_files import ELEMENT_TYPES, load_model
 from moexport.native import built_library, load
 from moexport.opset import DOMAIN, attach_functions, check_opset_imports
 from moexport.opset.functions import kernels_input
@@ -122,9 +122,7 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[s
 
 
 # torch dtype name -> ONNX element type, as IOBinding takes it (ONNX Runtime >= 1.20 binds bfloat16 so)
-_ELEMENT_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
-                  "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64,
-                  "int32": onnx.TensorProto.INT32}
+_ELEMENT_TYPES = {**ELEMENT_TYPES, "int64": onnx.TensorProto.INT64, "int32": onnx.TensorProto.INT32}
 
 
 def run_with_tensors(session, inputs: dict, outputs: dict) -> None:
