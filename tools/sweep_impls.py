@@ -219,7 +219,8 @@ def op_model(L: Layer, lead_rank: int, opset: int) -> onnx.ModelProto:
         [helper.make_tensor_value_info(n, *_input_dims(L, n, lead_rank)) for n in names],
         [helper.make_value_info(o, onnx.TypeProto()) for o in outputs])
     imports = [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, VERSION)]
-    return helper.make_model(graph, opset_imports=imports)
+    # IR 10, what the exporter writes: onnx's default (its newest) is more than ONNX Runtime 1.2x reads
+    return helper.make_model(graph, opset_imports=imports, ir_version=10)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
