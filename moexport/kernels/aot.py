@@ -34,6 +34,9 @@ _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int3
 MANIFEST_VERSION = 1
 # PTX ISA version written into PTX (CUDA 12.4): drivers older than the compiling Triton's ptxas load it
 PTX_VERSION = 84
+# Shared memory a block may opt in to, by compute capability (CUDA's tables; sm_80 and sm_90 the
+# defaults' targets): a kernel compiled for an architecture must fit it, else it cannot launch there.
+SHARED_OPT_IN = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 def _signature(plan: Plan, step) -> tuple[dict, dict, list[dict]]:
@@ -117,6 +120,11 @@ def compile_step(plan: Plan, step, *, sm: int, ptx_version: int) -> CompiledStep
     options = {"num_warps": step.num_warps, "num_stages": step.num_stages, "ptx_version": ptx_version,
                "enable_fp_fusion": True, **({"launch_pdl": True} if step.launch_pdl and pdl else {})}
     compiled = triton.compile(source, target=GPUTarget("cuda", sm, 32), options=options)
+    # the plans keep within SHARED_BUDGET by an estimate; where Triton's layout needs more than this
+    # architecture offers, fewer pipeline stages (the grid and block, all the launcher knows, stay)
+    while compiled.metadata.shared > SHARED_OPT_IN.get(sm, compiled.metadata.shared) and options["num_stages"] > 1:
+        options["num_stages"] -= 1
+        compiled = triton.compile(source, target=GPUTarget("cuda", sm, 32), options=options)
     meta = compiled.metadata
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
         raise MoexportError(f"kernel {step.kernel}", "needs scratch memory, which AOT plans do not provide")

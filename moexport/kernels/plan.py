@@ -24,6 +24,11 @@ SELECTION_CODES = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
 
 # Tokens the gather path's programs scan per step ([GATHER_SCAN, k] expert ids at once)
 GATHER_SCAN = 1024
+# Shared memory a kernel's tiles may take on every GPU the bundles target by default: sm_80's opt-in
+# maximum (sm_90 offers 227 KB). Every shipped config stays within it in half precision; in float32
+# (the same tiles, twice the bytes) a config gets fewer pipeline stages (`_stages`), else its kernel
+# would not launch (Triton's OutOfResources, the launcher's "needs ... bytes of shared memory").
+SHARED_BUDGET = 166912
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,9 @@ def _cvmm_step(*, x: str, w: str, out: str, e: int, k_in: int, n_out: int, w_str
                dst_div: int = 1, gate: str | None = None, gate_by_dst: bool = False, bias: str | None = None,
                pre_out: str | None = None, h: str | None = None, pre: str | None = None,
                dgate: str | None = None, activation: str = "none", epilogue: int = 0,
-               count: str | None = None, o_bias: str | None = None, y: str | None = None) -> Step:
+               count: str | None = None, o_bias: str | None = None, y: str | None = None, item: int = 2) -> Step:
     block_n = _block_n(cfg, n_out)
+    block_k = min(cfg["BLOCK_K"], pow2(k_in))
     n_col = -(-n_out // block_n)
     return Step(
         "grouped.cvmm_kernel", (f"(cdiv(S, {tile_m}) + {e}) * {n_col}",),
@@ -161,8 +167,18 @@ def _cvmm_step(*, x: str, w: str, out: str, e: int, k_in: int, n_out: int, w_str
         {"E": e, "K_IN": k_in, "N_OUT": n_out, "stride_we": w_strides[0], "stride_wk": w_strides[1],
          "stride_wn": w_strides[2], "SRC_DIV": src_div, "DST_DIV": dst_div, "GATE_BY_DST": gate_by_dst,
          "ACTIVATION": ACTIVATION_CODES[activation], "EPILOGUE": epilogue, "BLOCK_M": tile_m,
-         "BLOCK_N": block_n, "BLOCK_K": min(cfg["BLOCK_K"], pow2(k_in))},
-        cfg["num_warps"], cfg["num_stages"])
+         "BLOCK_N": block_n, "BLOCK_K": block_k},
+        cfg["num_warps"], _stages(cfg["num_stages"], (tile_m + block_n) * block_k * item))
+
+
+def _stages(num_stages: int, stage_bytes: int, fixed_bytes: int = 0) -> int:
+    """A config's pipeline stages, fewer where `stage_bytes` of tiles a stage (plus `fixed_bytes` held
+    throughout) would exceed SHARED_BUDGET."""
+    return max(1, min(num_stages, (SHARED_BUDGET - fixed_bytes) // stage_bytes))
+
+
+def _item(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
 
 
 def _fit(budget: int, per_unit: int) -> int:
@@ -196,11 +212,11 @@ def _up_down_steps(s: MoEShape, n: int, tile_m: int, *, out: str, configs: Confi
     up = _cvmm_step(x="x", w="keys", out="h", e=E, k_in=d, n_out=G, w_strides=(d * G, G, 1),
                     cfg=tile_config("up", d, G, n, rows_per_expert=rows, configs=configs), tile_m=tile_m,
                     src="sorted_slot", src_div=s.k, bias="bias" if s.bias else None,
-                    pre_out="pre" if keep_pre else None, activation=s.activation)
+                    pre_out="pre" if keep_pre else None, activation=s.activation, item=_item(s.dtype))
     down = _cvmm_step(x="h", w="values", out=out, e=E, k_in=G, n_out=dv, w_strides=(G * dv, dv, 1),
                       cfg=tile_config("down", G, dv, n, rows_per_expert=rows, configs=configs), tile_m=tile_m,
                       dst="sorted_slot", dst_div=s.k, gate="gate", gate_by_dst=True, epilogue=1,
-                      count=count, o_bias=o_bias, y=y)
+                      count=count, o_bias=o_bias, y=y, item=_item(s.dtype))
     return up, down
 
 
@@ -318,6 +334,12 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
                   y: str | None) -> Step:
     E, G = s.n_experts, s.expert_size
     block_m, block_g, v_split = cfg["BLOCK_M"], min(cfg["BLOCK_G"], pow2(G)), cfg.get("V_SPLIT", 1)
+    block_d, block_n = min(cfg["BLOCK_D"], pow2(s.d)), min(cfg["BLOCK_N"], pow2(s.v_dim))
+    # a stage holds a tile of x and one of keys (up loop), or one of values (down loop); h stays (this
+    # gives exactly the 256 KB the launcher reported on an H100 for float32 tiles 128 x 128 x 64, 3 stages)
+    item = _item(s.dtype)
+    stages = _stages(cfg["num_stages"], max(block_m * block_d + block_d * block_g, block_g * block_n) * item,
+                     block_m * block_g * item)
     n_chunks = -(-G // block_g)
     grid = ((f"(cdiv(S, {block_m}) + {E}) * {n_chunks}", str(v_split)) if dispatched
             else (str(E), str(n_chunks), str(v_split)))
@@ -334,13 +356,13 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
          **{name: None if dispatched or speculate else buf for name, buf in lists.items()},
          "acc_ptr": acc, "count_ptr": count, "y_ptr": y, "N": "N"},
         {"E": E, "D": s.d, "G": G, "DV": s.v_dim, "K": s.k, "ACTIVATION": ACTIVATION_CODES[s.activation],
-         "DISPATCHED": dispatched, "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d)),
-         "BLOCK_N": min(cfg["BLOCK_N"], pow2(s.v_dim)), "BLOCK_K": pow2(s.k, 1),
+         "DISPATCHED": dispatched, "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": block_d,
+         "BLOCK_N": block_n, "BLOCK_K": pow2(s.k, 1),
          # tokens the gather path scans per step (dispatched tiles scan nothing)
          "BLOCK_S": 16 if dispatched else min(GATHER_SCAN, pow2(n)), "V_SPLIT": v_split, "SPECULATE": speculate,
          "PDL": True},
         # gather programs start while the route kernel (the step before) runs, and wait for it
-        cfg["num_warps"], cfg["num_stages"], launch_pdl=not dispatched)
+        cfg["num_warps"], stages, launch_pdl=not dispatched)
 
 
 def topk_dispatch_plan(n_experts: int, k: int, selection: str, n_tokens: int, *, tile_m: int = 64,
@@ -381,7 +403,7 @@ def cvmm_plan(n_experts: int, d_in: int, d_out: int, dtype: str, *, reduce: bool
     direct = out_dtype == "float32" or not reduce
     main = _cvmm_step(x="x", w="w", out="out" if direct else "acc", e=E, k_in=d_in, n_out=d_out, w_strides=w_strides,
                       cfg=cfg, tile_m=tile_m, src="src_row", dst="dst_row", dst_div=k if reduce else 1,
-                      gate="gate" if gate else None, epilogue=1 if reduce else 0)
+                      gate="gate" if gate else None, epilogue=1 if reduce else 0, item=_item(dtype))
     steps = (offsets, main)
     workspace = (Buffer("offsets", "int32", (str(E + 1),)),
                  Buffer("tile_map", "int32", (f"1 + cdiv(S, {tile_m}) + {E}",)))
@@ -442,11 +464,11 @@ def backward_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None) -> Pla
     dh = _cvmm_step(x="dy", w="values", out="dpre", e=E, k_in=dv, n_out=G, w_strides=(G * dv, 1, dv),
                     cfg=tile_config("up", dv, G, n, rows_per_expert=rows, configs=configs), tile_m=tile_m,
                     src="sorted_slot", src_div=k, dst="sorted_slot", gate="gate", gate_by_dst=True, h="h",
-                    pre="pre", dgate="dgate", activation=s.activation, epilogue=2)
+                    pre="pre", dgate="dgate", activation=s.activation, epilogue=2, item=_item(s.dtype))
     dx_direct = s.dtype == "float32"
     dx = _cvmm_step(x="dpre", w="keys", out="dx" if dx_direct else "acc", e=E, k_in=G, n_out=d,
                     w_strides=(d * G, 1, G), tile_m=tile_m, dst="sorted_slot", dst_div=k, epilogue=1,
-                    cfg=tile_config("down", G, d, n, rows_per_expert=rows, configs=configs))
+                    cfg=tile_config("down", G, d, n, rows_per_expert=rows, configs=configs), item=_item(s.dtype))
     wcfg = tile_config("wgrad", G, dv, n, rows_per_expert=rows, configs=configs)
 
     def wgrad(a: str, b: str, out: str, m_dim: int, n_dim: int, **index) -> Step:
