@@ -35,6 +35,25 @@ def test_the_sigma_moe_op_plan_routes_in_float32_and_outputs_its_experts(device,
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_tokens", [5, 70], ids=["gather", "dispatched"])
+def test_a_float32_router_weight_the_dtype_cannot_hold_routes_by_its_float32_value(device, dtype, n_tokens):
+    """Expert 1's router row is expert 0's times 1 + 2^-13, which float16 and bfloat16 round back to
+    expert 0's: with positive tokens expert 1's logit is the larger by ~2^-13 of it, so every token must
+    choose it (the half-precision part of the weight alone would tie them, and ties go to expert 0)."""
+    torch.manual_seed(5)
+    d = 40
+    row = ((torch.rand(d) + 0.5) * d ** -0.5).to(dtype).float()
+    sel = torch.stack([row, row * (1 + 2 ** -13)] + [-row] * 2).to(device)
+    assert torch.equal(sel[1].to(dtype), sel[0].to(dtype)) and not torch.equal(sel[1], sel[0])
+    x = torch.rand(n_tokens, d, device=device).add(0.1).to(dtype)
+    keys, values = (torch.randn(4, d, 8, device=device) / 6).to(dtype), (torch.randn(4, 8, d, device=device) / 3).to(dtype)
+    shape = MoEShape(d, 4, 8, d, 1, str(dtype)[6:], router_dtype="float32")
+    out = run_plan(sigma_moe_plan(shape, n_tokens, expert_output=True),
+                   {"x": x, "expert_sel": sel, "keys": keys, "values": values})
+    assert out["experts"].flatten().tolist() == [1] * n_tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reduce", [False, True])
 def test_the_cvmm_op_plan_writes_float32(device, dtype, reduce):
     rng = np.random.default_rng(1)
