@@ -19,6 +19,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bundle_cache(tmp_path_factory):
+    """Kernel bundles the tests build are cached in the run's temporary root, which pytest-xdist's
+    workers share (one compiles a configuration, the others read it), not in the user's cache;
+    unless MOEXPORT_CACHE_DIR names a folder (several runs at once on the GPU machine share one)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    os.environ.setdefault("MOEXPORT_CACHE_DIR", str(root / "moexport-bundles"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ Layout: the 8 magic bytes ``MOEXKB01``, the manifest's length (uint64, little-en
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from moexport.core.errors import MoexportError
+from moexport.core.files import write_atomically
 from moexport.kernels import plan as plans
 from moexport.kernels.aot import PTX_VERSION, argument_layout, compile_step, plan_buffers, step_identity
 from moexport.kernels.configs import bucket
@@ -127,14 +129,54 @@ def build_bundle(kernels: OpKernels, *, archs: tuple[int, ...] = DEFAULT_ARCHS,
         ptx_version: PTX ISA version of the PTX (major*10+minor), low enough for the drivers deployed.
         jobs: Compiler processes (Triton's compiler is single-threaded). Defaults to the CPU count.
 
+    Built bundles are kept in a cache (`cache_folder`): the same configuration compiled again, by this
+    process or another (fusing a model twice, test workers), is read from there; one process builds,
+    the others wait for it.
+
     Raises:
         MoexportError: an architecture Triton cannot compile these kernels for.
     """
+    archs = tuple(sorted(set(archs)))
+    folder = cache_folder()
+    if folder is None:
+        return _build(kernels, archs=archs, ptx_version=ptx_version, jobs=jobs)
+    path = folder / f"{_cache_key(kernels, archs, ptx_version)}.bundle"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{path.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.is_file():
+            data = _build(kernels, archs=archs, ptx_version=ptx_version, jobs=jobs)
+            write_atomically(path, lambda tmp: tmp.write_bytes(data))
+            return data
+    return path.read_bytes()
+
+
+def cache_folder() -> Path | None:
+    """Where built bundles are kept: $MOEXPORT_CACHE_DIR, else moexport/bundles in the user's cache
+    folder ($XDG_CACHE_HOME or ~/.cache); MOEXPORT_CACHE_DIR=off keeps none."""
+    folder = os.environ.get("MOEXPORT_CACHE_DIR")
+    if folder == "off":
+        return None
+    if folder:
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moexport" / "bundles"
+
+
+def _cache_key(kernels: OpKernels, archs: tuple[int, ...], ptx_version: int) -> str:
+    """A digest of what a bundle is built from: the plans, the targets, the compiler and the kernels' source."""
+    import triton
+
+    digest = hashlib.sha256(pickle.dumps((FORMAT, kernels, archs, ptx_version, triton.__version__)))
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def _build(kernels: OpKernels, *, archs: tuple[int, ...], ptx_version: int, jobs: int | None) -> bytes:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _build_in_child(kernels, archs=archs, ptx_version=ptx_version, jobs=jobs)
     import triton
 
-    archs = tuple(sorted(set(archs)))
     identities: dict[tuple, int] = {}
     sources: list[tuple] = []  # (plan, step) of each distinct kernel
     manifest_plans = []
@@ -242,8 +284,8 @@ def _build_in_child(kernels: OpKernels, **options) -> bytes:
     """Under TRITON_INTERPRET=1 the kernels are interpreter objects, which cannot be compiled; a child
     process without the variable compiles them."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import pickle, sys; from moexport.kernels.bundle import build_bundle; "
-            "kernels, options = pickle.load(sys.stdin.buffer); sys.stdout.buffer.write(build_bundle(kernels, **options))")
+    code = ("import pickle, sys; from moexport.kernels.bundle import _build; "
+            "kernels, options = pickle.load(sys.stdin.buffer); sys.stdout.buffer.write(_build(kernels, **options))")
     done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps((kernels, options)), env=env,
                           capture_output=True)
     if done.returncode:
