@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, lm_rows = [], []
 
     def save():  # after every cell: a call cut short by its time limit keeps what it measured
-        write_results(name, rows + lm_rows, columns=LAYER_COLUMNS, out_dir=out, environment=env,
+        write_results(name, rows, columns=LAYER_COLUMNS, out_dir=out, environment=env, extra={"lm_rows": lm_rows},
                       title="σ-MoE on ONNX Runtime's CUDA provider: compiled kernels vs every alternative",
                       notes=NOTES + "\n\n## Whole LMs\n\n" + _lm_table(lm_rows), plot=_plot)
 

@@ -24,7 +24,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], *, columns: Sequence[str], out_dir: str | os.PathLike,
                   title: str, notes: str = "", environment: dict[str, Any] | None = None,
-                  plot: Callable[[Sequence[dict[str, Any]], Path], None] | None = None) -> dict[str, Path]:
+                  plot: Callable[[Sequence[dict[str, Any]], Path], None] | None = None,
+                  extra: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write `<out_dir>/<name>.md`, `<name>.json` and, given `plot(rows, path)`, `<name>.png`.
 
     Args:
@@ -36,6 +37,7 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], *, columns: Sequenc
         notes: Markdown placed under the table (method, floors, what the ratios mean).
         environment: Machine/software facts recorded in both files. Defaults to host and time.
         plot: Draws the rows into the given PNG path.
+        extra: More JSON entries beside "rows" (e.g. a second table's rows, which `notes` shows).
 
     Returns:
         The paths written, by kind ("md", "json", "png").
@@ -47,7 +49,8 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], *, columns: Sequenc
     paths = {"md": out / f"{name}.md", "json": out / f"{name}.json"}
     env_lines = "\n".join(f"- {key}: {value}" for key, value in environment.items())
     paths["md"].write_text(f"# {title}\n\n{env_lines}\n\n{markdown_table(rows, columns)}\n\n{notes}\n".rstrip() + "\n")
-    paths["json"].write_text(json.dumps({"title": title, "environment": environment, "rows": list(rows)}, indent=1))
+    paths["json"].write_text(json.dumps({"title": title, "environment": environment, "rows": list(rows), **(extra or {})},
+                                        indent=1))
     if plot is not None:
         paths["png"] = out / f"{name}.png"
         plot(rows, paths["png"])
