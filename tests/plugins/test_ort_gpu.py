@@ -182,3 +182,24 @@ def test_cuda_graphs_replay_the_compiled_kernels(fused_layers):
         run_with_tensors(session, {"x": x}, {"y": y, "experts": experts})
         torch.cuda.synchronize()
         assert_layer_output(layer, x, y, experts)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_fused_lm_validates_on_the_compiled_kernels(dtype, tmp_path):
+    """`moexport validate --onnxrt-cuda` of a whole fused LM: it passes, every token away from a near-tie
+    is routed as the float32 reference routes it, and the σ-MoE nodes ran on the compiled kernels."""
+    from moexport.models import TransformerLM
+    from moexport.validate import validate
+
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=256, d_model=128, n_layers=2, n_heads=4,
+                          ffn={"kind": "sigma_moe", "d_model": 128, "n_experts": 16, "expert_size": 32, "k": 4}).eval()
+    source = export_onnx(model, tmp_path / "lm.onnx", dtype=dtype, routing_outputs=True)
+    report = fuse(source, tmp_path / "lm.fused.onnx", archs=ARCHS)
+    assert report.kernels.bundles and not report.kernels.skipped, str(report)
+    result = validate(tmp_path / "lm.fused.onnx", model, runners=["onnxrt-cuda"])
+    assert result.passed, result.to_dict()
+    assert {r.layer for r in result.routing} == {"layers.0.ffn", "layers.1.ffn"}
+    for layer in result.routing:
+        assert layer.agreeing + layer.near_ties + layer.downstream == layer.tokens and not layer.unexplained
+    assert any("onnxrt-cuda ran the moexport nodes on the compiled kernels" in note for note in result.notes)

@@ -1,0 +1,54 @@
+#!/bin/bash
+# One GPU call for every GPU test at once (correctness only: nothing is timed, so the suites share the GPU
+# and the CPU cores): the kernels' tests (real kernels for every CPU test too, the AOT cubins carried from
+# the CPU machine), the ONNX Runtime library on the CUDA provider (tests/plugins, marked gpu), the TensorRT
+# plugins' runtime half (tests/trt_plugins, marked gpu) and the 1024-case differential sweep
+# (tests/tools/test_sweep.py, marked gpu; every GPU implementation required, as in tools/sweep_h200.sh).
+# Results in $OUT: summary.txt (versions, each suite's verdict and time, the sweep's counts), pytest_<suite>.log,
+# sweep_gpu.jsonl (one record per case; a failure's record holds the command that replays it).
+# Carried (ignored paths): .whl (onnx-graphsurgeon and polygraphy wheels, which `import moexport` needs), .gpu
+# (onnxruntime-gpu for sm_90: `python3 ../shared/gpu/ort_gpu_bundle.py --out .gpu`), .carry/aot (cubins built
+# here by `python tests/kernels/test_aot.py .carry/aot`) and the libraries `python setup.py build_ext --inplace`
+# builds: moexport/plugins/libmoexport_ort.so, moexport/trt_plugins/libmoexport_trt.so and
+# moexport/trt_plugins/libmoexport_trt_harness.so.
+# Usage (device run): bash tools/h200_tests.sh [seconds each suite may take; default 520] [suite ...]
+#   suites: kernels ort trt sweep (default: all four); KERNEL_TESTS narrows the kernels suite (default
+#   tests/kernels), e.g. KERNEL_TESTS="tests/kernels/test_onnx_plans.py tests/kernels/test_aot.py".
+LIMIT=${1:-520}
+SUITES=${*:2}
+SUITES=${SUITES:-kernels ort trt sweep}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+python3 .gpu/ort_gpu_bundle.py --unpack .gpu/onnxruntime_gpu_sm90.tar.xz > /dev/null  # into /tmp/ortgpu
+export PYTHONPATH=$PWD:/tmp/ortgpu:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache
+# one cache of built kernel bundles for every suite: a configuration is compiled once
+export MOEXPORT_CACHE_DIR=/tmp/moexport-bundles
+export MOEXPORT_AOT_DIR=$PWD/.carry/aot MOEXPORT_SWEEP_RESULTS=/tmp/sweep MOEXPORT_SWEEP_REQUIRE=triton,aot,ort_cuda,trt
+SUMMARY=$OUT/summary.txt
+for file in moexport/plugins/libmoexport_ort.so moexport/trt_plugins/libmoexport_trt.so \
+            moexport/trt_plugins/libmoexport_trt_harness.so .carry/aot/moe_16.json; do
+  [ -f "$file" ] || echo "$file is missing: build it here and carry it (see the header)" | tee -a $SUMMARY
+done
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a $SUMMARY
+python3 -c "import torch, triton, onnxruntime as o; print('torch', torch.__version__, 'triton', triton.__version__,
+  'onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a $SUMMARY
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo yes)
+suite() {  # name, processes, pytest arguments...
+  local name=$1 jobs=$2 start=$SECONDS
+  shift 2
+  timeout $LIMIT python3 -m pytest -q -rfE -p no:cacheprovider --durations=5 ${XDIST:+-n $jobs} "$@" \
+    > $OUT/pytest_$name.log 2>&1
+  echo "$name: exit $?, $((SECONDS - start)) s: $(tail -1 $OUT/pytest_$name.log)" >> $SUMMARY
+}
+for name in $SUITES; do
+  case $name in
+    kernels) suite kernels 3 ${KERNEL_TESTS:-tests/kernels} & ;;
+    ort) suite ort 5 -m gpu tests/plugins & ;;
+    trt) suite trt 4 -m gpu tests/trt_plugins & ;;
+    sweep) suite sweep 7 -m gpu tests/tools/test_sweep.py & ;;
+    *) echo "unknown suite $name (kernels, ort, trt, sweep)" | tee -a $SUMMARY ;;
+  esac
+done
+wait
+cat /tmp/sweep/*.jsonl > $OUT/sweep_gpu.jsonl 2>/dev/null
+python3 tools/sweep.py --summarize $OUT/sweep_gpu.jsonl >> $SUMMARY 2>&1
+cat $SUMMARY
