@@ -35,9 +35,12 @@ XDIST=$(python3 -c "import xdist" 2>/dev/null && echo yes)
 suite() {  # name, processes, pytest arguments...
   local name=$1 jobs=$2 start=$SECONDS
   shift 2
-  timeout $LIMIT python3 -m pytest -q -rfE -p no:cacheprovider --durations=5 ${XDIST:+-n $jobs} "$@" \
-    > $OUT/pytest_$name.log 2>&1
+  # -v names each test as it ends (a suite cut by its time limit leaves no summary); faulthandler dumps the
+  # stacks of a test still running after 150 s (one hung until the limit once, unnamed)
+  timeout $LIMIT python3 -m pytest -v -rfE -p no:cacheprovider --durations=5 -o faulthandler_timeout=150 \
+    ${XDIST:+-n $jobs} "$@" > $OUT/pytest_$name.log 2>&1
   echo "$name: exit $?, $((SECONDS - start)) s: $(tail -1 $OUT/pytest_$name.log)" >> $SUMMARY
+  grep -cE "PASSED|FAILED|ERROR|SKIPPED" $OUT/pytest_$name.log | sed "s/^/  $name: tests reported /" >> $SUMMARY
 }
 for name in $SUITES; do
   case $name in
