@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from moexport.core.errors import MoexportError
+from moexport.core.onnx_files import FLOAT_TYPES
 from moexport.exporter.forms import unique_name
 from moexport.kernels import bundle as bundles
 from moexport.kernels.plan import MoEShape
@@ -66,8 +67,10 @@ def _sigma_moe(node: onnx.NodeProto, config: dict, types: dict, zero_bias: Calla
     values = _shape(types, names["values"])
     if values is None or len(values) != 3:
         raise MoexportError(culprit(node), f"values {names['values']!r} have no static [E, G, v_dim] shape")
-    if types.get(names["expert_sel"], (None,))[0] != onnx.TensorProto.FLOAT:
-        raise MoexportError(culprit(node), "has a router weight that is not float32, as the op set wants it")
+    router = FLOAT_TYPES.get(types.get(names["expert_sel"], (None,))[0])
+    if router not in ("float32", config["dtype"]):
+        raise MoexportError(culprit(node), f"has a router weight of type {router or 'unknown'}",
+                            f"the op set takes float32 or the layer's dtype ({config['dtype']})")
     if bool(names["bias"]) != bool(names["o_bias"]):  # the kernels add both or neither: zeros are exact
         elem_type = types[names["keys"]][0]
         if not names["bias"]:
@@ -78,7 +81,8 @@ def _sigma_moe(node: onnx.NodeProto, config: dict, types: dict, zero_bias: Calla
             node.input[5] = zero_bias(f"{names['keys']}.zero_o_bias", (values[2],), elem_type)
     shape = MoEShape(d, n_experts, expert_size, values[2], config["k"], config["dtype"], config["selection"],
                      config["activation"], bool(names["bias"] or names["o_bias"]))
-    return bundles.sigma_moe_kernels(shape, expert_output=config["with_expert"], max_tokens=max_tokens)
+    return bundles.sigma_moe_kernels(shape, router_dtype=router, expert_output=config["with_expert"],
+                                     max_tokens=max_tokens)
 
 
 def _op_kernels(node: onnx.NodeProto, types: dict, zero_bias, max_tokens: int) -> bundles.OpKernels:

@@ -142,10 +142,24 @@ def form_parameters(form: str, params: dict[str, np.ndarray | None]) -> dict[str
             "b1": None if bias is None else bias.reshape(-1), "o_bias": o_bias}
 
 
+def router_weight(weight: np.ndarray, model_dtype: np.dtype) -> np.ndarray:
+    """A router weight in the model dtype where that dtype holds it exactly (every half-precision export:
+    the router was in that dtype before the export widened it), else in float32. SigmaMoE takes either
+    and routes in float32 alike; the kernels read half the bytes of a half-precision weight, and the
+    route kernel multiplies it at the half rate (a float32 one it splits into half-precision parts)."""
+    weight = weight.astype(np.float32)
+    if model_dtype != np.float32:
+        narrow = weight.astype(model_dtype)
+        if np.array_equal(narrow.astype(np.float32), weight):
+            return narrow
+    return weight
+
+
 def sigma_moe_parameters(form: str, params: dict[str, np.ndarray | None], n_experts: int) -> dict[str, np.ndarray | None]:
     """The inverse of `form_parameters`: SigmaMoE layouts from the layouts of `form`."""
     router_w = params["router_w"]
-    expert_sel = np.ascontiguousarray(router_w.T.astype(np.float32))
+    model_dtype = (params["keys"] if form == "dispatch" else params["w1"]).dtype
+    expert_sel = np.ascontiguousarray(router_weight(router_w.T, model_dtype))
     if form == "dispatch":
         keys = params["keys"]
         cast = (lambda a: None if a is None else a.astype(keys.dtype))

@@ -87,14 +87,18 @@ def _distinct(builder, buckets: list[int]) -> tuple:
     return tuple(kept)
 
 
-def sigma_moe_kernels(shape: plans.MoEShape, *, expert_output: bool = False,
+def sigma_moe_kernels(shape: plans.MoEShape, *, router_dtype: str = "float32", expert_output: bool = False,
                       max_tokens: int = DEFAULT_MAX_TOKENS) -> OpKernels:
-    """The SigmaMoE op of a layer shape (its router weight in float32, as the op set has it)."""
-    shape = dataclasses.replace(shape, router_dtype="float32")
+    """The SigmaMoE op of a layer shape, its router weight in `router_dtype`: float32 or the layer's dtype
+    (the op set takes either)."""
+    if router_dtype not in ("float32", shape.dtype):
+        raise MoexportError(f"router_dtype={router_dtype!r}", f"must be float32 or the layer's dtype ({shape.dtype})")
+    shape = dataclasses.replace(shape, router_dtype=None if router_dtype == shape.dtype else router_dtype)
     built = _distinct(lambda n: plans.sigma_moe_plan(shape, n, expert_output=expert_output), _buckets(max_tokens))
     config = {"d_model": shape.d, "n_experts": shape.n_experts, "expert_size": shape.expert_size,
               "v_dim": shape.v_dim, "k": shape.k, "dtype": shape.dtype, "selection": shape.selection,
-              "activation": shape.activation, "bias": shape.bias, "expert_output": expert_output}
+              "activation": shape.activation, "bias": shape.bias, "expert_output": expert_output,
+              "router_dtype": router_dtype}
     return OpKernels("SigmaMoE", config, built, "N", ("x", "expert_sel", "keys", "values", "bias", "o_bias", ""),
                      ("y", "experts" if expert_output else ""))
 

@@ -9,7 +9,7 @@
 namespace moexport {
 
 const OpSpec kSigmaMoE{"SigmaMoE",
-                       {{"x", "T", false}, {"expert_sel", "float32", false}, {"keys", "T", false},
+                       {{"x", "T", false}, {"expert_sel", "R", false}, {"keys", "T", false},
                         {"values", "T", false}, {"bias", "T", true}, {"o_bias", "T", true}},
                        {{"y", "T", false}, {"expert", "int64", true}},
                        {{"k", nullptr, 1}, {"selection", "sigmoid", 0}, {"activation", "relu", 0}},

@@ -16,7 +16,9 @@ namespace moexport {
 
 struct Port {
   const char* name;
-  const char* dtype;  // "T": the op's float type, which the kernels fix; else the one element type
+  // "T": the op's float type, which the kernels fix; "R": float32 or T (SigmaMoE's router weight; the
+  // kernels fix which); else the one element type
+  const char* dtype;
   bool optional;
 };
 

@@ -140,7 +140,8 @@ def sigma_moe(op, x, expert_sel, keys, values, bias=None, o_bias=None, *, k: int
               activation: str, n_experts: int, dtype: ir.DataType, opset: int, with_expert: bool):
     """Body of SigmaMoE: routing, then per expert gather its tokens, two MatMuls, scatter-add."""
     flat = op.Reshape(x, op.Concat(const(op, [-1], np.int64), op.Shape(x, start=-1), axis=0))
-    logits = op.MatMul(as_float(op, flat, dtype), op.Transpose(expert_sel, perm=[1, 0]))
+    # the router weight is float32 or T: a Cast to float32 serves both (a copy where it already is)
+    logits = op.MatMul(as_float(op, flat, dtype), op.Transpose(op.Cast(expert_sel, to=FLOAT), perm=[1, 0]))
     gate, expert = route(op, logits, k=k, selection=selection)
     out = op.ConstantOfShape(op.Concat(op.Shape(flat, end=1), op.Shape(values, start=2), axis=0))
     for e in range(n_experts):

@@ -29,7 +29,8 @@ Index tensors are int32. ``T`` is float32, float16 or bfloat16.
     (gate[s] *) x[src_row[s]] @ W[sorted_expert[s]]; S must be a multiple of k.
 
 ``SigmaMoE(x, expert_sel, keys, values, bias?, o_bias?) -> y, expert?``
-    x [..., d] T; expert_sel [E, d] float32 (the router runs in float32); keys [E, d, G] T;
+    x [..., d] T; expert_sel [E, d] float32 or T (the router runs in float32 either way: a T weight is
+    exact in it; `moexport fuse` stores T where T holds the weight exactly); keys [E, d, G] T;
     values [E, G, dv] T; optional bias [E, G] T and o_bias [dv] T. Attributes: ``k``,
     ``selection`` (as TopKDispatch), ``activation`` ('relu' | 'gelu' | 'silu'; default 'relu').
     y [..., dv] T = sum over the k selected experts e of gate_e * act(x @ keys[e] + bias[e]) @ values[e]
@@ -170,10 +171,11 @@ def _schemas() -> list[OpSchema]:
                     _optional("k", 1, "Slots per token (used by reduce=1)."), *_PLUGIN])
     sigma = OpSchema(
         "SigmaMoE", DOMAIN, VERSION, "The σ-MoE feed-forward layer.",
-        inputs=[_formal("x", "T"), _formal("expert_sel", "tensor(float)"), _formal("keys", "T"), _formal("values", "T"),
+        inputs=[_formal("x", "T"), _formal("expert_sel", "R"), _formal("keys", "T"), _formal("values", "T"),
                 _formal("bias", "T", optional=True), _formal("o_bias", "T", optional=True), _KERNELS],
         outputs=[_formal("y", "T"), _formal("expert", "tensor(int64)", optional=True)],
-        type_constraints=[("T", _FLOATS, "Model dtype.")],
+        type_constraints=[("T", _FLOATS, "Model dtype."),
+                          ("R", _FLOATS, "Router weight: float32, or T (the model dtype), which float32 holds exactly.")],
         attributes=[_K, _SELECTION, _optional("activation", "relu", f"One of {', '.join(ACTIVATIONS)}."),
                     *_PLUGIN])
     topk.set_type_and_shape_inference_function(_infer_topk_dispatch)

@@ -34,8 +34,8 @@ using moexport::kSigmaMoE;
 const OrtApi* g_api = nullptr;
 std::atomic<uint64_t> g_compiled_calls{0};
 
-// A port's element type as ONNX Runtime declares it: the op's T is left open (checked against the
-// kernels at run time).
+// A port's element type as ONNX Runtime declares it: the op's T and R are left open (checked against
+// the kernels at run time).
 ONNXTensorElementDataType element_type(const char* dtype) {
   const std::string name = dtype;
   if (name == "float32") return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;

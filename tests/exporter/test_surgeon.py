@@ -90,6 +90,36 @@ def test_bfloat16_layer_fuses(tmp_path, mode):
     np.testing.assert_allclose(y.astype(np.float32), want.float().numpy(), rtol=tol.rtol, atol=tol.atol)
 
 
+def router_type(path) -> int:
+    model = onnx.load(path)
+    (node,) = [n for n in model.graph.node if n.op_type == "SigmaMoE"]
+    return next(t.data_type for t in model.graph.initializer if t.name == node.input[1])
+
+
+@pytest.mark.parametrize("dtype, element", [("float32", onnx.TensorProto.FLOAT), ("float16", onnx.TensorProto.FLOAT16),
+                                            ("bfloat16", onnx.TensorProto.BFLOAT16)])
+def test_the_router_weight_is_stored_in_the_model_dtype_which_holds_it_exactly(tmp_path, dtype, element):
+    """A half-precision export widens the router weight to float32 for the router MatMul; the fused
+    node takes it back in the model dtype (exact), which its kernels read at half the bytes."""
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", dtype=dtype)
+    moexport.fuse(source, tmp_path / "fused.onnx", archs=())
+    assert router_type(tmp_path / "fused.onnx") == element
+
+
+def test_a_float32_router_weight_the_model_dtype_cannot_hold_stays_float32(tmp_path):
+    source = moexport.export_onnx(layer(), tmp_path / "src.onnx", dtype="float16")
+    model = onnx.load(source)
+    router = next(t for t in model.graph.initializer
+                  if numpy_helper.to_array(t).dtype == np.float32 and list(t.dims) == [16, 6])  # router_w [d, E]
+    weight = numpy_helper.to_array(router) * np.float32(1 + 2 ** -13)  # between two float16 values
+    router.CopyFrom(numpy_helper.from_array(weight.astype(np.float32), router.name))
+    onnx.save(model, tmp_path / "edited.onnx")
+    moexport.fuse(tmp_path / "edited.onnx", tmp_path / "fused.onnx", archs=())
+    assert router_type(tmp_path / "fused.onnx") == onnx.TensorProto.FLOAT
+    assert_same_outputs(tmp_path / "edited.onnx", tmp_path / "fused.onnx",
+                        {"x": np.random.randn(2, 5, 16).astype(np.float16)}, "float16")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_every_layer_of_an_lm_fuses(tmp_path, mode):

@@ -121,6 +121,24 @@ def test_calls_that_do_not_fit_the_kernels_name_the_input(library, layer_bundle,
         plan_call(library, layer_bundle[1], inputs)
 
 
+def test_the_router_weight_is_taken_in_the_dtype_its_kernels_were_compiled_for(library, layer_bundle):
+    """SigmaMoE's router weight is float32 or the layer's dtype; a bundle is compiled for one of them."""
+    half = bundles.build_bundle(bundles.sigma_moe_kernels(SHAPE, router_dtype="float16", expert_output=True,
+                                                          max_tokens=16), archs=(90,))
+    inputs = layer_inputs(5)
+    half_inputs = inputs[:1] + [{"dtype": "float16", "shape": [6, 48]}] + inputs[2:]
+    assert plan_call(library, half, half_inputs)["outputs"] == [[5, 40], [5, 2]]
+    with pytest.raises(MoexportError, match="input 'expert_sel' is float32; the compiled kernels take float16"):
+        plan_call(library, half, inputs)
+    with pytest.raises(MoexportError, match="input 'expert_sel' is float16; the compiled kernels take float32"):
+        plan_call(library, layer_bundle[1], half_inputs)
+
+
+def test_a_router_weight_of_a_third_dtype_is_refused_when_compiling():
+    with pytest.raises(MoexportError, match="router_dtype='bfloat16'.*float32 or the layer's dtype"):
+        bundles.sigma_moe_kernels(SHAPE, router_dtype="bfloat16")
+
+
 def test_a_gather_plan_does_not_serve_more_tokens_than_it_was_built_for(library):
     kernels = bundles.sigma_moe_kernels(SHAPE, max_tokens=16)
     assert kernels.plans[-1].notes["mode"] == "gather"

@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from moexport.core.onnx_files import ELEMENT_TYPES
 from moexport.exporter import export_onnx, fuse
 from moexport.exporter.compiled import kernel_bundles
 from moexport.kernels.bundle import read_bundle
@@ -41,7 +42,8 @@ def test_layers_of_one_shape_share_one_bundle(lm_files):
     config = read_bundle(onnx.numpy_helper.to_array(
         next(t for t in model.graph.initializer if t.name == bundle["name"])).tobytes())["config"]
     assert config == {"d_model": 32, "n_experts": 4, "expert_size": 8, "v_dim": 32, "k": 2, "dtype": "float32",
-                      "selection": "sigmoid", "activation": "relu", "bias": False, "expert_output": True}
+                      "selection": "sigmoid", "activation": "relu", "bias": False, "expert_output": True,
+                      "router_dtype": "float32"}
 
 
 def test_fusing_again_replaces_the_kernels(lm_files, tmp_path):
@@ -74,6 +76,28 @@ def test_the_library_in_a_cpu_session_says_it_runs_on_cuda(lm_files):
     with pytest.raises(Exception, match=r"node '.*' \(SigmaMoE\): the moexport op library runs these nodes on "
                                         r"ONNX Runtime's CUDA execution provider only"):
         library_session(lm_files[2])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_library_takes_a_router_weight_in_the_model_dtype(tmp_path, dtype):
+    """A half-precision fused layer has its router weight in that dtype (see the surgeon's tests): the
+    library's ops take it (the type checks of session creation pass, and the CPU kernel then says where
+    it runs), and the CPU provider without the library runs the function body (float16)."""
+    torch.manual_seed(0)
+    layer = SigmaMoE(32, 4, 8, 2).eval()
+    source = export_onnx(layer, tmp_path / "layer.onnx", dtype=dtype)
+    fuse(source, tmp_path / "fused.onnx", archs=ARCHS, max_tokens=MAX_TOKENS)
+    model = onnx.load(tmp_path / "fused.onnx")
+    node = next(n for n in model.graph.node if n.op_type == "SigmaMoE")
+    assert next(t for t in model.graph.initializer if t.name == node.input[1]).data_type == ELEMENT_TYPES[dtype]
+    with pytest.raises(Exception, match=r"\(SigmaMoE\): the moexport op library runs these nodes on "
+                                        r"ONNX Runtime's CUDA execution provider only"):
+        library_session(tmp_path / "fused.onnx")
+    if dtype == "float16":
+        x = np.random.default_rng(0).standard_normal((1, 5, 32)).astype(np.float16)
+        (fused,) = ort_session(tmp_path / "fused.onnx").run(None, {"x": x})
+        (dispatch,) = ort_session(source).run(None, {"x": x})
+        np.testing.assert_allclose(fused.astype(np.float32), dispatch.astype(np.float32), rtol=1e-2, atol=1e-3)
 
 
 def test_a_node_without_kernels_is_named(lm_files):

@@ -138,6 +138,13 @@ def test_a_precision_the_kernels_were_not_compiled_for_is_refused(tmp_path, fuse
         build_engine(fused_layer, tmp_path / "l.engine", shapes=LAYER_SHAPES, dtype="float16")
 
 
+def test_a_float16_layer_with_its_router_weight_in_float16_builds(tmp_path):
+    path = sigma_moe_graph(tmp_path / "half.onnx", dtype="float16")
+    (layer,) = plugin_layers(path)
+    assert layer["plugin"] == "SigmaMoE"
+    assert build_engine(path, tmp_path / "half.engine", shapes=LAYER_SHAPES, dtype="float16").stat().st_size > 0
+
+
 def test_nodes_without_kernels_are_named_with_the_way_out(tmp_path, fused_layer):
     path = edit(fused_layer, tmp_path, lambda model, node: node.input.pop())
     with pytest.raises(MoexportError, match=r"node 'layers.0.ffn' \(SigmaMoE\) \| carries no compiled kernels.*\n"

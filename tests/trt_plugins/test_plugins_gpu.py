@@ -31,7 +31,10 @@ def node_kernels(op, config):
     """The node's attributes as `moexport build` gives them to the parser, its kernels compiled."""
     if op == "SigmaMoE":
         shape = MoEShape(D, E, G, D, K, config["dtype"], "sigmoid", "relu", config["bias"])
-        spec = bundles.sigma_moe_kernels(shape, expert_output=True, max_tokens=MAX_TOKENS)
+        # the router weight in the layer's dtype, as `moexport fuse` stores it (the float32 one of other
+        # files runs in the sweep, tests/tools/test_sweep.py, and tests/kernels/test_onnx_plans.py)
+        spec = bundles.sigma_moe_kernels(shape, router_dtype=config["dtype"], expert_output=True,
+                                         max_tokens=MAX_TOKENS)
         attributes = {"k": K, "selection": "sigmoid", "activation": "relu"}
     elif op == "TopKDispatch":
         spec = bundles.topk_dispatch_kernels(E, K, config["selection"], max_tokens=MAX_TOKENS)
@@ -66,7 +69,7 @@ def run(call):
 
 
 def layer_call(harness, kernels, layer, dtype, bias, x):
-    weights = [layer.expert_sel.float(), layer.keys, layer.values] + ([layer.bias, layer.o_bias] if bias else [])
+    weights = [layer.expert_sel, layer.keys, layer.values] + ([layer.bias, layer.o_bias] if bias else [])
     y = torch.empty(*x.shape[:-1], D, device="cuda", dtype=dtype)
     experts = torch.empty(*x.shape[:-1], K, device="cuda", dtype=torch.int64)
     largest = [(1, MAX_TOKENS, D)] + [tuple(w.shape) for w in weights]

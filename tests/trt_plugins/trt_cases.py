@@ -4,6 +4,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from moexport.core.onnx_files import ELEMENT_TYPES
 from moexport.exporter.compiled import attach_kernels
 from moexport.models import SigmaMoE
 from moexport.opset import DOMAIN, VERSION, attach_functions
@@ -15,13 +16,14 @@ LAYER_SHAPES = {"x": ((1, 1, D), (1, 8, D), (2, 16, D))}  # 32 tokens at most
 LM_SHAPES = {"input_ids": ((1, 1), (1, 16), (1, 32))}
 
 
-def sigma_moe_graph(path, *, layers: int = 1, d: int = D, seed: int = 0):
+def sigma_moe_graph(path, *, layers: int = 1, d: int = D, seed: int = 0, dtype: str = "float32"):
     """`layers` fused σ-MoE nodes in a row (x -> y.0 -> y.1 ...; each also gives experts.<i>), of one
-    configuration: one kernel bundle, attached as `moexport fuse` attaches it. Returns the path."""
+    configuration: one kernel bundle, attached as `moexport fuse` attaches it. Returns the path. In
+    float16 the router weight is float16 too, as `moexport fuse` stores a half-precision export's."""
     torch.manual_seed(seed)
     nodes, weights, outputs, x = [], [], [], "x"
     for i in range(layers):
-        layer = SigmaMoE(d, E, G, K).eval()
+        layer = SigmaMoE(d, E, G, K).eval().to(getattr(torch, dtype))
         names = [f"expert_sel.{i}", f"keys.{i}", f"values.{i}"]
         weights += [numpy_helper.from_array(p.detach().numpy(), n)
                     for p, n in zip((layer.expert_sel, layer.keys, layer.values), names)]
@@ -29,10 +31,9 @@ def sigma_moe_graph(path, *, layers: int = 1, d: int = D, seed: int = 0):
                                       domain=DOMAIN, k=K, selection="sigmoid", activation="relu"))
         outputs.append(helper.make_tensor_value_info(f"experts.{i}", onnx.TensorProto.INT64, ["batch", "seq", K]))
         x = f"y.{i}"
-    graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                                                              ["batch", "seq", d])],
-                              [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, ["batch", "seq", d]), *outputs],
-                              weights)
+    element = ELEMENT_TYPES[dtype]
+    graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", element, ["batch", "seq", d])],
+                              [helper.make_tensor_value_info(x, element, ["batch", "seq", d]), *outputs], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)])
     report = attach_kernels(model, archs=ARCHS, max_tokens=MAX_TOKENS)
     assert len(report.bundles) == 1 and not report.skipped, str(report)
