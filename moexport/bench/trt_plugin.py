@@ -7,9 +7,9 @@ For each dtype and T, one layer shape, forward, in one run:
   TensorRT's interfaces (`moexport.trt_plugins.harness`; no TensorRT runs on this GPU), launching the
   layer's kernels from the bundle `moexport fuse` would attach, compiled here ahead of time;
 - `moexport.kernels.sigma_moe_forward`, the same kernels and plans through Triton's launcher, eagerly;
-- the plugin's own plans (its float32 router weight, the op set's) through that same launcher
-  (`torch_f32_router`): apart from the plugin, what the op's contract costs against the layer's
-  half-precision router; the plugin against it is the launcher alone.
+- the plans of a file whose router weight is float32 (the op set takes float32 or the layer's dtype;
+  `moexport fuse` stores the layer's where it holds the weight exactly, as for every half-precision
+  export) through that same launcher (`torch_f32_router`): what a float32 router weight costs.
 
 With `--profile`, the GPU time of every kernel of one call of each (torch.profiler), a second table
 of the results: where a gap between them comes from.
@@ -34,8 +34,7 @@ from moexport.core.errors import MoexportError
 DTYPES = ("float16", "bfloat16", "float32")
 PROFILED = (1, 16, 256)
 TARGET = 1.1
-COLUMNS = ["shape", "dtype", "T", "plugin_ms", "torch_ms", "torch_f32_router_ms", "ratio", "ratio_same_plans",
-           "plugin_host_us", "torch_host_us", "workspace_kb", "max_err", "flips"]
+COLUMNS = ["shape", "dtype", "T", "plugin_ms", "torch_ms", "ratio", "torch_f32_router_ms", "plugin_host_us", "torch_host_us", "workspace_kb", "max_err", "flips"]
 
 
 def layer_kernels(layer: Layer, dtype: str, max_tokens: int) -> dict:
@@ -44,7 +43,8 @@ def layer_kernels(layer: Layer, dtype: str, max_tokens: int) -> dict:
     from moexport.kernels.plan import MoEShape
 
     shape = MoEShape(layer.d, layer.E, layer.G, layer.d, layer.k, dtype)
-    data = bundles.build_bundle(bundles.sigma_moe_kernels(shape, max_tokens=max_tokens), archs=(_sm(),))
+    kernels = bundles.sigma_moe_kernels(shape, router_dtype=dtype, max_tokens=max_tokens)
+    data = bundles.build_bundle(kernels, archs=(_sm(),))
     return {"k": layer.k, "selection": "sigmoid", "activation": "relu", "kernels": data,
             "kernels_key": bundles.read_bundle(data)["key"]}
 
@@ -55,7 +55,7 @@ def _sm() -> int:
 
 
 def contract_plans(layer: Layer, dtype: str):
-    """The plugin's plans (float32 router weight) on PyTorch's launcher: tokens -> y."""
+    """The plans of a float32 router weight on PyTorch's launcher: tokens -> y."""
     from moexport.kernels import bundle as bundles
     from moexport.kernels.configs import bucket
     from moexport.kernels.host import run_plan
@@ -77,7 +77,7 @@ def measure(harness, layer: Layer, attributes: dict, name: str, dtype: str, T: i
     from moexport.trt_plugins.harness import prepare
 
     x = torch.randn(T, layer.d, device="cuda", dtype=layer.keys.dtype)
-    sel = layer.sel.float()  # the op set keeps the router weight in float32
+    sel = layer.sel  # in the layer's dtype, as `moexport fuse` stores a half-precision export's
     y = torch.empty_like(x)
     call = prepare(harness, "SigmaMoE", "sigma_moe", attributes, [x, sel, layer.keys, layer.values], [y],
                    largest=[(max_tokens, layer.d), tuple(sel.shape), tuple(layer.keys.shape),
@@ -99,7 +99,6 @@ def measure(harness, layer: Layer, attributes: dict, name: str, dtype: str, T: i
                               ("torch_f32_router", lambda: contract(x))):
                 profile += [{"dtype": dtype, "T": T, "path": label, **k} for k in kernel_times(fn)]
     row["ratio"] = row["plugin_ms"] / row["torch_ms"]
-    row["ratio_same_plans"] = row["plugin_ms"] / row["torch_f32_router_ms"]
     return row
 
 
@@ -159,11 +158,11 @@ plugin: libmoexport_trt.so's SigmaMoE, enqueued through TensorRT's plugin interf
 build and deserialise an engine (workspace sized for a profile up to the largest T); its kernels are
 the layer's bundle (fused as `moexport fuse` does, for this GPU), launched by the native launcher.
 PyTorch path: `moexport.kernels.sigma_moe_forward`, the same plans through Triton's launcher, eager.
-The router weight is float32 for the plugin (the op set's) and the layer's dtype for the PyTorch path.
+The router weight is in the layer's dtype for both, as `moexport fuse` stores it where it is exact.
 Median ms with L2 flushed before every call (read flush), GPU time; host time per call apart (the
 plugin's includes the ctypes call of the harness). ratio = plugin / PyTorch path; target <= {TARGET}.
-torch_f32_router: the plugin's plans (float32 router weight) on PyTorch's launcher; ratio_same_plans =
-plugin / that (the launcher's share of the ratio; the rest is the op set's float32 router).
+torch_f32_router: the plans of a float32 router weight (a file whose router the layer's dtype cannot
+hold) on PyTorch's launcher.
 max_err, flips: the plugin's y against the PyTorch path's (`moexport.bench.kernels.agreement`).
 """
 
