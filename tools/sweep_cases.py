@@ -90,6 +90,9 @@ class Layer:
     bias: bool = False
     reduce: int = 0  # CVMM
     gate: bool = False  # CVMM
+    # SigmaMoE's router weight given to the ONNX op in the model dtype (as `moexport fuse` stores a
+    # half-precision export's) rather than in float32: the op set takes either
+    router_in_dtype: bool = False
     group_tokens: tuple[int, ...] = ()  # token buckets this group's cases draw from (GPU profile)
 
 
@@ -120,7 +123,8 @@ class Case:
                  "SigmaMoE": f"d={L.d} E={L.n_experts} G={L.expert_size} dv={L.v_dim} k={L.k} T={self.tokens}",
                  "CVMM": f"rows={'S' if L.reduce else 'T'} d_in={L.d} d_out={L.v_dim} E={L.n_experts} k={L.k} "
                          f"T={self.tokens} reduce={L.reduce} gate={L.gate}"}[L.op]
-        attrs = "" if L.op != "SigmaMoE" else f" {L.selection} {L.activation}{' bias' if L.bias else ''}"
+        attrs = "" if L.op != "SigmaMoE" else (f" {L.selection} {L.activation}{' bias' if L.bias else ''}"
+                                               f"{' router=' + L.dtype if L.router_in_dtype else ''}")
         attrs = f" {L.selection}" if L.op == "TopKDispatch" else attrs
         config = f" config={dict(self.experts_config)}" if self.experts_config else ""
         return (f"{self.profile} seed={self.seed} case={self.index}: {L.op} {shape} {L.dtype}{attrs} "
@@ -168,6 +172,10 @@ def layer_of(profile: str, seed: int, group: int) -> Layer:
                                     gate=bool(rng.random() < (0.8 if reduce else 0.3)))
     if profile == "gpu":
         layer = dataclasses.replace(layer, group_tokens=_group_tokens(rng, layer, prof))
+    if op == "SigmaMoE" and layer.dtype != "float32":
+        # a stream of its own: the draws above, and so every earlier case, stay as they were
+        in_dtype = np.random.default_rng([seed, group, 1, len(profile)]).random() < 0.5
+        layer = dataclasses.replace(layer, router_in_dtype=bool(in_dtype))
     return layer
 
 
@@ -294,8 +302,9 @@ def _sigma_moe_data(case, L: Layer, T: int, g, rng) -> dict:
     dtype = torch_dtype(L.dtype)
     cast = lambda t: None if t is None else t.to(dtype)
     # the router weight holds model-dtype values (the PyTorch layer keeps it in the model dtype), given
-    # to the ONNX op in float32 (its contract), where they are exact
-    return {"x": cast(x).reshape(*case.lead, d), "expert_sel": sel.to(dtype).float(), "keys": cast(keys),
+    # to the ONNX op in float32, where they are exact, or in the model dtype (the op set takes either)
+    router = sel.to(dtype) if L.router_in_dtype else sel.to(dtype).float()
+    return {"x": cast(x).reshape(*case.lead, d), "expert_sel": router, "keys": cast(keys),
             "values": cast(values), "bias": cast(bias), "o_bias": cast(o_bias), **extra}
 
 

@@ -192,7 +192,8 @@ def _input_dims(L: Layer, name: str, lead_rank: int) -> tuple[int, list]:
     f32, i32, T = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, _ELEM[L.dtype]
     E, d, G, dv = L.n_experts, L.d, L.expert_size, L.v_dim
     return {"x": (T, [f"N{i}" for i in range(lead_rank)] + [d]) if L.op == "SigmaMoE" else (T, ["R", d]),
-            "expert_sel": (f32, [E, d]), "keys": (T, [E, d, G]), "values": (T, [E, G, dv]), "bias": (T, [E, G]),
+            "expert_sel": (T if L.router_in_dtype else f32, [E, d]), "keys": (T, [E, d, G]),
+            "values": (T, [E, G, dv]), "bias": (T, [E, G]),
             "o_bias": (T, [dv]), "logits": (f32, ["N", E]), "sorted_expert": (i32, ["S"]), "src_row": (i32, ["S"]),
             "dst_row": (i32, ["S"]), "W": (T, [E, d, dv]), "gate": (f32, ["S"])}[name]
 

@@ -102,6 +102,9 @@ def _coverage(cases) -> None:
     assert any(L.n_experts == 1 for L in layers) and any(L.k == L.n_experts > 1 for L in layers)
     assert any(L.k == 1 < L.n_experts for L in layers)
     assert {1, 0} == {c.layer.reduce for c in cases if c.layer.op == "CVMM"}
+    # a half-precision layer's router weight both in float32 and in its dtype (the op set takes either)
+    assert {(L.dtype, L.router_in_dtype) for L in layers if L.op == "SigmaMoE" and L.dtype != "float32"} == {
+        (dtype, in_dtype) for dtype in ("float16", "bfloat16") for in_dtype in (False, True)}
 
 
 def test_the_cpu_sweep_covers_the_issue_s_ranges():
