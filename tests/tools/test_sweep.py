@@ -230,3 +230,13 @@ def test_the_summary_counts_cases_per_implementation_and_sets_the_open_divergenc
                                     "the open divergence)")
     assert "aot             2 failed, 1 passed" in text and "ort_cuda        3 skipped" in text
     assert "FAILED [bfloat16 atomics] b" in text and "FAILED c" in text and "replay c" in text
+
+
+def test_the_single_node_models_are_ones_onnx_runtime_1_2x_reads():
+    """IR 10, as the exporter writes: the first GPU sweep's models had onnx's newest IR (14), which ONNX
+    Runtime 1.27 (the GPU build) refused for every case."""
+    from sweep_impls import op_model
+
+    for index in (0, 1, 2):
+        case = case_of("cpu", 1, index)
+        assert op_model(case.layer, len(case.lead), case.opset).ir_version == 10
