@@ -29,7 +29,7 @@ trt                the same bundle in the TensorRT plugin library, called as    
 A new implementation joins the sweep with a subclass of `Implementation` and one `register(...)`
 call; the harness runs every registered one whose `available()` and `supports()` say yes (`Trt`
 below is the pattern: the layer's bundle from `compiled_bundle`, outputs from `empty_outputs`); the
-device script (tools/sweep_h200.sh) names those that must run on every GPU case.
+device script (tools/h200_tests.sh, MOEXPORT_SWEEP_REQUIRE) names those that must run on every GPU case.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The compiled op library on ONNX Runtime's CUDA execution provider (H200): every op and dtype against
 the PyTorch reference and the op set's NumPy reference, routing included; bad inputs; CUDA graphs.
 
-Needs a CUDA GPU and onnxruntime-gpu (on the H200: `tools/h200.sh` unpacks it, see the README).
+Needs a CUDA GPU and onnxruntime-gpu (on the H200: `tools/h200_tests.sh` unpacks it, see the README).
 """
 import numpy as np
 import onnx

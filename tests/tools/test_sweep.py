@@ -7,7 +7,7 @@ provider running the function bodies (not for bfloat16 layers, which it cannot m
 file took 66 s with `-n 2` on the 2-core machine (110 s of CPU time), 2m35 while other sessions'
 tests shared the machine.
 
-GPU (marked gpu, one device call: tools/sweep_h200.sh): seed 1, 32 groups of 32 cases (1024), each
+GPU (marked gpu, one device call: `bash tools/h200_tests.sh 560 sweep`): seed 1, 32 groups of 32 cases (1024), each
 group one layer whose kernels compile once, run by the reference on the GPU, the Triton kernels
 (JIT), and the layer's kernel bundle through the CUDA driver (AOT), through the ONNX Runtime op
 library on the CUDA provider and through the TensorRT plugins (the harness). MOEXPORT_SWEEP_REQUIRE
