@@ -34,7 +34,8 @@ from moexport.core.errors import MoexportError
 DTYPES = ("float16", "bfloat16", "float32")
 PROFILED = (1, 16, 256)
 TARGET = 1.1
-COLUMNS = ["shape", "dtype", "T", "plugin_ms", "torch_ms", "ratio", "torch_f32_router_ms", "plugin_host_us", "torch_host_us", "workspace_kb", "max_err", "flips"]
+COLUMNS = ["shape", "dtype", "T", "plugin_ms", "torch_ms", "ratio", "torch_f32_router_ms", "plugin_host_us",
+           "torch_host_us", "workspace_kb", "max_err", "flips"]
 
 
 def layer_kernels(layer: Layer, dtype: str, max_tokens: int) -> dict:
@@ -57,23 +58,22 @@ def _sm() -> int:
 def contract_plans(layer: Layer, dtype: str):
     """The plans of a float32 router weight on PyTorch's launcher: tokens -> y."""
     from moexport.kernels import bundle as bundles
-    from moexport.kernels.configs import bucket
     from moexport.kernels.host import run_plan
     from moexport.kernels.plan import MoEShape
 
     kernels = bundles.sigma_moe_kernels(MoEShape(layer.d, layer.E, layer.G, layer.d, layer.k, dtype))
     sel = layer.sel.float()
 
-    def forward(x):  # the plan the launcher picks: the first (smallest) whose bucket holds the tokens
-        plan = next(p for p in kernels.plans if p.max_tokens >= bucket(x.shape[0]))
+    def forward(x):  # the plan the launcher picks: the first (smallest) that holds the tokens
+        plan = next(p for p in kernels.plans if p.max_tokens >= x.shape[0])
         return run_plan(plan, {"x": x, "expert_sel": sel, "keys": layer.keys, "values": layer.values})["y"]
     return forward
 
 
 def measure(harness, layer: Layer, attributes: dict, name: str, dtype: str, T: int, max_tokens: int,
             profile: list | None = None) -> dict:
-    """One row: the plugin's enqueue, the PyTorch path and the plugin's plans on PyTorch's launcher,
-    timed on the same x; with `profile`, each one's kernels appended to it."""
+    """One row: the plugin's enqueue, the PyTorch path and a float32 router's plans on PyTorch's
+    launcher, timed on the same x; with `profile`, each one's kernels appended to it."""
     from moexport.trt_plugins.harness import prepare
 
     x = torch.randn(T, layer.d, device="cuda", dtype=layer.keys.dtype)

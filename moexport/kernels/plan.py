@@ -123,7 +123,7 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
     `cfg`: the route config, by default `tile_config`'s."""
     cfg = cfg or tile_config("route", s.d, s.n_experts, n, rows_per_expert=0, configs=configs)
     has_x = source == "x"
-    item = 2 if s.dtype in ("float16", "bfloat16") and s.router_dtype in (None, s.dtype) else 4
+    item = _item(s.router_dtype or s.dtype)  # float32 tiles wherever the router weight or the layer is float32
     return Step(
         "routing.route_kernel", (f"cdiv(N, {cfg['BLOCK_N']})",),
         {"x_ptr": "x" if has_x else None, "sel_ptr": "expert_sel" if has_x else None,
@@ -155,7 +155,7 @@ def _cvmm_step(*, x: str, w: str, out: str, e: int, k_in: int, n_out: int, w_str
                dst_div: int = 1, gate: str | None = None, gate_by_dst: bool = False, bias: str | None = None,
                pre_out: str | None = None, h: str | None = None, pre: str | None = None,
                dgate: str | None = None, activation: str = "none", epilogue: int = 0,
-               count: str | None = None, o_bias: str | None = None, y: str | None = None, item: int = 2) -> Step:
+               count: str | None = None, o_bias: str | None = None, y: str | None = None, item: int) -> Step:
     block_n = _block_n(cfg, n_out)
     block_k = min(cfg["BLOCK_K"], pow2(k_in))
     n_col = -(-n_out // block_n)
