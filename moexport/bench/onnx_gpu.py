@@ -18,10 +18,11 @@ Then whole LMs (WT103-small and WT103-big, float16): σ-MoE against its paramete
 batch × tokens 1×1, 1×256, 16×256.
 
 Every call is timed from the host after an L2 flush (weights from device memory) to the end of the
-device's work (a device-wide synchronize), median of `--reps`: what one call costs a caller, launch
-overhead included. The ORT output is checked against the PyTorch path (tokens routed alike).
+device's work (a device-wide synchronize): what one call costs a caller, launch overhead included. The
+paths of a cell are timed in `--reps` interleaved rounds (each path once a round), median per path, so
+host jitter falls on all of them alike (the function bodies apart, in fewer rounds). The ORT output is checked against the PyTorch path (tokens routed alike).
 
-    python -m moexport.bench onnx-gpu [--out DIR] [--reps 30] [--no-lm]
+    python -m moexport.bench onnx-gpu [--out DIR] [--reps 60] [--no-lm]
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -60,19 +62,34 @@ LAYER_COLUMNS = ["shape", "dtype", "T", "moexport_ort_ms", "moexport_ort_graph_m
 LM_COLUMNS = ["model", "dtype", "batch", "tokens", "sigma_moe_ms", "dense_ms", "vs_dense"]
 
 
-def call_ms(fn, reps: int) -> float:
-    """Median ms of `fn()` from the host, after an L2 flush, to the end of the device's work."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        flush_l2()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _timed_ms(fn) -> float:
+    """ms of one `fn()` from the host, after an L2 flush, to the end of the device's work."""
+    flush_l2()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def interleaved_ms(calls: dict, reps: int) -> tuple[dict, dict]:
+    """Median ms of each call, timed in `reps` rounds that run every call once (in a rotating order):
+    host jitter and clock drift fall on every path alike, not on whichever was timed in a bad second.
+    Returns (medians, errors): a call that fails while warming up is reported in errors, not timed."""
+    times, errors = {}, {}
+    for key, fn in calls.items():
+        try:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            times[key] = []
+        except Exception as error:  # noqa: BLE001 - a baseline the runtime cannot run is reported, not fatal
+            errors[key] = str(error).strip().splitlines()[-1][:200]
+    order = list(times)
+    for r in range(reps):
+        for key in order[r % len(order):] + order[:r % len(order)]:
+            times[key].append(_timed_ms(calls[key]))
+    return {key: statistics.median(t) for key, t in times.items()}, errors
 
 
 def _ort_moe_graph(d: int, E: int, G: int, k: int, dtype: str, sel: torch.Tensor, keys: torch.Tensor,
@@ -120,7 +137,7 @@ def _layer_files(shape: tuple[int, int, int, int], dtype: str, folder: Path) -> 
 def measure_layer(name: str, dtype: str, built: dict, T: int, reps: int) -> dict:
     """One cell: every implementation of the layer at T tokens (the CUDA-graph sessions are made for the
     cell's shapes, the eager ones are the layer's, bound again)."""
-    d, E, G, k = LAYER_SHAPES[name]
+    d, *_, k = LAYER_SHAPES[name]
     moe, files, sessions = built["moe"], built["files"], built["sessions"]
     x = torch.randn(1, T, d, device="cuda", dtype=getattr(torch, dtype))
     outputs = {key: torch.empty_like(x) for key in sessions}
@@ -145,12 +162,13 @@ def measure_layer(name: str, dtype: str, built: dict, T: int, reps: int) -> dict
              "dense_param": eager("dense_param"), "dense_param_graph": graphed("dense_param"),
              "dense_compute": eager("dense_compute"), "dense_compute_graph": graphed("dense_compute"),
              "ort_moe": eager("ort_moe", {"x": x2})}
-    for key, fn in calls.items():
-        try:
-            row[f"{key}_ms"] = call_ms(fn, reps)
-        except Exception as error:  # noqa: BLE001 - a baseline the runtime cannot run is reported, not fatal
-            row[f"{key}_ms"] = None
-            row.setdefault("errors", {})[key] = str(error).strip().splitlines()[-1][:200]
+    # the function bodies take 30-170x as long as the rest: timed apart, with fewer rounds
+    slow = {"bodies": calls.pop("bodies")}
+    for group, rounds in ((calls, reps), (slow, max(3, reps // 10))):
+        medians, errors = interleaved_ms(group, rounds)
+        row.update({f"{key}_ms": medians.get(key) for key in group})
+        if errors:
+            row.setdefault("errors", {}).update(errors)
     calls["moexport_ort"]()
     want = calls["torch_kernels"]()
     torch.cuda.synchronize()
@@ -187,10 +205,14 @@ def measure_lm(preset: str, folder: Path, reps: int) -> list[dict]:
     for batch, tokens in LM_SHAPES:
         ids = torch.randint(0, calls["dense"][1], (batch, tokens), device="cuda")
         row = {"model": preset, "dtype": "float16", "batch": batch, "tokens": tokens}
+        runs = {}
         for ffn, (_, vocab) in calls.items():
             logits = torch.empty(batch, tokens, vocab, device="cuda", dtype=torch.float16)
-            session = sessions[ffn]
-            row[f"{ffn}_ms"] = call_ms(lambda: run_with_tensors(session, {"input_ids": ids}, {"logits": logits}), reps)
+            runs[ffn] = partial(run_with_tensors, sessions[ffn], {"input_ids": ids}, {"logits": logits})
+        medians, errors = interleaved_ms(runs, reps)
+        if errors:
+            raise MoexportError(f"bench onnx-gpu, {preset}", f"could not run: {errors}")
+        row.update({f"{ffn}_ms": ms for ffn, ms in medians.items()})
         row["vs_dense"] = row["sigma_moe_ms"] / row["dense_ms"]
         rows.append(row)
     return rows
@@ -226,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moexport bench onnx-gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_results_options(parser, "onnx-gpu", "onnx_gpu")
-    parser.add_argument("--reps", type=int, default=30, help="Timed calls per cell. Defaults to 30.")
+    parser.add_argument("--reps", type=int, default=60, help="Timed rounds per cell. Defaults to 60.")
     parser.add_argument("--tokens", nargs="*", type=int, default=None, help="Defaults to 1 16 256 4096 32768.")
     parser.add_argument("--no-lm", action="store_true", help="Layers only, no whole LMs.")
     args = parser.parse_args(argv)
@@ -276,8 +298,8 @@ def _lm_table(rows: list[dict]) -> str:
 
 
 NOTES = """\
-Milliseconds per call from the host, after an L2 flush, to the end of the device's work (median);
-launch overhead included, as a caller sees it. Ratios: `vs_torch` = moexport_ort / torch_kernels (same
+Milliseconds per call from the host, after an L2 flush, to the end of the device's work (median of
+interleaved rounds: every path once a round); launch overhead included, as a caller sees it. Ratios: `vs_torch` = moexport_ort / torch_kernels (same
 kernels: target <= 1.15), `vs_torch_graph` the same both under CUDA graphs, `vs_param` = moexport_ort /
 dense_param (target < 1 at T >= 256), `vs_compute` = moexport_ort / dense_compute (target <= 2 at
 T <= 16), `vs_ort_moe` = moexport_ort / ort_moe (target < 1; ORT's MoE routes by softmax: a speed
