@@ -29,6 +29,13 @@ GATHER_SCAN = 1024
 # (the same tiles, twice the bytes) a config gets fewer pipeline stages (`_stages`), else its kernel
 # would not launch (Triton's OutOfResources, the launcher's "needs ... bytes of shared memory").
 SHARED_BUDGET = 166912
+# Float32 products take 3 tf32 passes (`_jit.mma`), which split the operand tiles; in the route and
+# expert kernels (tokens gathered by index, not tiles streamed as in CVMM) they then sit in registers, and
+# where they hold more than this many float32 elements, ptxas spills to local memory (sm_90 cubins,
+# `cuobjdump --dump-resource-usage`: WT103-small's gather kernel at one token spilled 5.4 KB a thread and
+# took 112 us, 7x its time at 16 tokens, H100; every benchmark shape spilled somewhere; 8 warps did not
+# make room for twice the elements). Half-precision tiles feed the tensor cores from shared memory.
+F32_OPERAND_ELEMENTS = 2048
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,7 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
     cfg = cfg or tile_config("route", s.d, s.n_experts, n, rows_per_expert=0, configs=configs)
     has_x = source == "x"
     item = _item(s.router_dtype or s.dtype)  # float32 tiles wherever the router weight or the layer is float32
+    rows = pow2(s.n_experts) + cfg["BLOCK_N"]  # a step's tiles of router weight and tokens
     return Step(
         "routing.route_kernel", (f"cdiv(N, {cfg['BLOCK_N']})",),
         {"x_ptr": "x" if has_x else None, "sel_ptr": "expert_sel" if has_x else None,
@@ -133,7 +141,7 @@ def _route_step(s: MoEShape, n: int, *, source: str, counts: bool, logits_out: b
         {"E": s.n_experts, "D": s.d, "K": s.k, "SELECTION": SELECTION_CODES[s.selection], "HAS_X": has_x,
          "STORE_LOGITS": logits_out, "STORE_COUNTS": counts, "FILL_COLS": s.v_dim, "COUNT_COLS": count_cols,
          "BLOCK_N": cfg["BLOCK_N"], "BLOCK_E": pow2(s.n_experts), "BLOCK_K": pow2(s.k, 1),
-         "BLOCK_D": min(cfg["BLOCK_D"], pow2(s.d), _fit(48 * 1024, (pow2(s.n_experts) + cfg["BLOCK_N"]) * item)),
+         "BLOCK_D": _reduction_tile(min(cfg["BLOCK_D"], pow2(s.d), _fit(48 * 1024, rows * item)), rows, item),
          "PDL": True},
         cfg["num_warps"], cfg["num_stages"])
 
@@ -157,7 +165,7 @@ def _cvmm_step(*, x: str, w: str, out: str, e: int, k_in: int, n_out: int, w_str
                dgate: str | None = None, activation: str = "none", epilogue: int = 0,
                count: str | None = None, o_bias: str | None = None, y: str | None = None, item: int) -> Step:
     block_n = _block_n(cfg, n_out)
-    block_k = min(cfg["BLOCK_K"], pow2(k_in))
+    block_k = min(cfg["BLOCK_K"], pow2(k_in))  # no float32 bound: 128 x 128 x 64 tiles do not spill here
     n_col = -(-n_out // block_n)
     return Step(
         "grouped.cvmm_kernel", (f"(cdiv(S, {tile_m}) + {e}) * {n_col}",),
@@ -179,6 +187,12 @@ def _stages(num_stages: int, stage_bytes: int, fixed_bytes: int = 0) -> int:
 
 def _item(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
+
+
+def _reduction_tile(block: int, other: int, item: int) -> int:
+    """A product's reduction tile `block`, where its operand tiles hold (block x `other`) elements in all:
+    shorter in float32 where they would exceed F32_OPERAND_ELEMENTS (a power of two, at least 16)."""
+    return block if item != 4 else min(block, _fit(F32_OPERAND_ELEMENTS, other))
 
 
 def _fit(budget: int, per_unit: int) -> int:
@@ -334,10 +348,13 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
                   y: str | None) -> Step:
     E, G = s.n_experts, s.expert_size
     block_m, block_g, v_split = cfg["BLOCK_M"], min(cfg["BLOCK_G"], pow2(G)), cfg.get("V_SPLIT", 1)
-    block_d, block_n = min(cfg["BLOCK_D"], pow2(s.d)), min(cfg["BLOCK_N"], pow2(s.v_dim))
+    item = _item(s.dtype)
+    # up: x [block_m, block_d] @ keys [block_d, block_g]; down: h [block_m, block_g] @ values [block_g, block_n]
+    # (the down product's operands are bounded through block_n, its reduction being the hidden chunk)
+    block_d = _reduction_tile(min(cfg["BLOCK_D"], pow2(s.d)), block_m + block_g, item)
+    block_n = _reduction_tile(min(cfg["BLOCK_N"], pow2(s.v_dim)), block_m + block_g, item)
     # a stage holds a tile of x and one of keys (up loop), or one of values (down loop); h stays (this
     # gives exactly the 256 KB the launcher reported on an H100 for float32 tiles 128 x 128 x 64, 3 stages)
-    item = _item(s.dtype)
     stages = _stages(cfg["num_stages"], max(block_m * block_d + block_d * block_g, block_g * block_n) * item,
                      block_m * block_g * item)
     n_chunks = -(-G // block_g)
