@@ -210,9 +210,10 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     the tokens that chose its expert BLOCK_M at a time), 'fused' (row tiles of BLOCK_M dispatched
     rows, up and down in one program) or 'split' (two CVMM launches, configs of `tile_config`).
     `finish`: 'inline', 'pass' or 'atomic' (see `plan.sigma_moe_plan`); the defaults take float32
-    sums up to GATHER_MAX_TOKENS and beyond it bfloat16/float16 atomics, which the H200 sweep found
+    sums up to GATHER_MAX_TOKENS and beyond it half-precision atomics, which the H200 sweep found
     fastest at every shape from 256 tokens, as long as a token's output takes at most
-    MAX_ATOMIC_ADDS of them. The defaults gather up to GATHER_MAX_TOKENS tokens, and up to
+    MAX_ATOMIC_ADDS of them (the plans of bfloat16 layers sum in float32 instead: their atomics
+    round too coarsely). The defaults gather up to GATHER_MAX_TOKENS tokens, and up to
     GATHER_MAX_ROWS_TOKENS where experts get few rows (GATHER_MAX_ROWS); else 'fused'. Optional:
     'V_SPLIT' (default 1) programs per row block and hidden chunk, each with its share of the output
     columns; 'route', the route kernel's config (BLOCK_N, BLOCK_D, num_warps, num_stages) in place of

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moexport.kernels.configs import (SPECULATE_MIN_USE, Configs, bucket, expected_share, experts_config, pow2,
-                                      tile_config)
+from moexport.kernels.configs import (PASS_ACC_BYTES, SPECULATE_MIN_USE, Configs, bucket, expected_share,
+                                      experts_config, pow2, tile_config)
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 SELECTION_CODES = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
@@ -291,13 +291,19 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None, exper
     inside the expert kernels costs more than one more pass: large v_dim, many tokens); or
     'atomic', adds straight into y in the model dtype, which the route kernel fills with the output
     bias (no accumulator and no second pass; in half precision one rounding per add, so k times the
-    hidden chunks roundings where the others round once). Float32 layers always take 'atomic'.
+    hidden chunks roundings where the others round once). Float32 layers always take 'atomic',
+    bfloat16 layers never (their config's 'atomic' becomes 'inline', or 'pass' for large outputs).
     """
     n = bucket(n_tokens)
     E, d, G, dv = s.n_experts, s.d, s.expert_size, s.v_dim
     cfg = experts_config(d, E, G, dv, s.k, n, configs=configs)
     mode = cfg["mode"]
     finish = "atomic" if s.dtype == "float32" else cfg.get("finish", "inline")
+    if finish == "atomic" and s.dtype == "bfloat16":
+        # bfloat16 atomics round each of a token's k * chunks adds to 8 bits: 7 of them already left the
+        # bfloat16 tolerance (the sweep's seed 5 case 73), and the op set promises one final rounding.
+        # float16's 11 bits keep the shipped configs' up to 16 adds within it (the GPU sweeps)
+        finish = "pass" if n * dv * 4 >= PASS_ACC_BYTES else "inline"
     o_bias = "o_bias" if s.bias else None
     count_cols = cfg.get("V_SPLIT", 1)  # experts programs of one row block with their own columns
     if mode == "split":

@@ -10,15 +10,16 @@ from moexport.kernels.launcher import symbols_of, workspace_layout
 from moexport.kernels.ops import sigma_moe_forward
 from moexport.kernels.plan import MoEShape, evaluate, sigma_moe_plan
 
-SHAPE = MoEShape(64, 8, 32, 64, 2, "bfloat16", "sigmoid", "relu", True)
-# cubins against the JIT, which may sum in another way (float32 or bfloat16 atomics): the bfloat16 tolerance
-TOL = tolerance_for(torch.bfloat16)
+# float16, whose plans may sum by atomics in the model dtype (bfloat16 layers never do)
+SHAPE = MoEShape(64, 8, 32, 64, 2, "float16", "sigmoid", "relu", True)
+# cubins against the JIT, which may sum in another order (float32 or float16 atomics): the float16 tolerance
+TOL = tolerance_for(torch.float16)
 
 
 def carried_plans() -> dict:
     """name -> plan of the manifests the H200 script carries (MOEXPORT_AOT_DIR), compiled on this CPU
     machine by `python tests/kernels/test_aot.py .carry/aot`: the gather plan, the dispatched plan
-    rounded inline, with a memset and a finalize pass, and with bfloat16 atomics into y."""
+    rounded inline, with a memset and a finalize pass, and with float16 atomics into y."""
     plans = {"moe_16": sigma_moe_plan(SHAPE, 16)}
     layer = (SHAPE.d, SHAPE.n_experts, SHAPE.expert_size, SHAPE.v_dim, SHAPE.k, 4096)
     for finish in ("inline", "pass", "atomic"):
@@ -85,7 +86,7 @@ def test_compile_plan_writes_cubins_and_launch_metadata_without_a_gpu(tmp_path, 
         assert zeroed == ["acc"] and last == "grouped.finalize_kernel"
     else:
         assert zeroed == [] and last == "experts.experts_kernel"
-    # atomic: no float32 accumulator at all, the expert kernel adds bfloat16 into y
+    # atomic: no float32 accumulator at all, the expert kernel adds float16 into y
     assert ("acc" in [b["name"] for b in manifest["workspace"]]) == (not name.endswith("atomic"))
     for step in manifest["steps"]:
         cubin = (tmp_path / step["cubin"]).read_bytes()
@@ -116,7 +117,7 @@ def test_aot_cubins_run_through_the_driver_like_the_jit(tmp_path, name, n_tokens
     torch.manual_seed(1)
     tensors = {"x": torch.randn(n_tokens, 64), "expert_sel": torch.randn(8, 64), "keys": torch.randn(8, 64, 32) / 8,
                "values": torch.randn(8, 32, 64) / 6, "bias": torch.randn(8, 32), "o_bias": torch.randn(64)}
-    tensors = {n: t.to("cuda", torch.bfloat16) for n, t in tensors.items()}
+    tensors = {n: t.to("cuda", torch.float16) for n, t in tensors.items()}
     runner = AOTRunner(compile_plan(carried_plans()[name], tmp_path, sm=90))
     y = runner.run(tensors)["y"]
     jit = sigma_moe_forward(tensors["x"], tensors["expert_sel"], tensors["keys"], tensors["values"], k=2,
@@ -143,7 +144,7 @@ def test_cubins_compiled_on_a_cpu_machine_run_here():
         tensors = {"x": torch.randn(n_tokens, 64), "expert_sel": torch.randn(8, 64),
                    "keys": torch.randn(8, 64, 32) / 8, "values": torch.randn(8, 32, 64) / 6,
                    "bias": torch.randn(8, 32), "o_bias": torch.randn(64)}
-        tensors = {n: t.to("cuda", torch.bfloat16) for n, t in tensors.items()}
+        tensors = {n: t.to("cuda", torch.float16) for n, t in tensors.items()}
         y = runner.run(tensors)["y"]
         jit = sigma_moe_forward(tensors["x"], tensors["expert_sel"], tensors["keys"], tensors["values"], k=2,
                                 bias=tensors["bias"], o_bias=tensors["o_bias"])
@@ -176,6 +177,6 @@ def test_aot_runner_takes_zero_tokens(tmp_path):
     runner = AOTRunner(compile_plan(carried_plans()["moe_4096_pass"], tmp_path, sm=90))
     tensors = {"x": torch.empty(0, 64), "expert_sel": torch.randn(8, 64), "keys": torch.randn(8, 64, 32),
                "values": torch.randn(8, 32, 64), "bias": torch.randn(8, 32), "o_bias": torch.randn(64)}
-    y = runner.run({n: t.to("cuda", torch.bfloat16) for n, t in tensors.items()})["y"]
+    y = runner.run({n: t.to("cuda", torch.float16) for n, t in tensors.items()})["y"]
     torch.cuda.synchronize()
     assert y.shape == (0, 64)

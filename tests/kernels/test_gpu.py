@@ -59,8 +59,8 @@ def test_cuda_graph_replay_equals_eager(n_tokens):
             y = infer(layer, x)
         x.copy_(torch.randn_like(x))
         graph.replay()
-        # the atomics add in another order on each run (512 tokens: in bfloat16, each add rounded):
-        # equal up to rounding, not bitwise
+        # the float32 atomics add in another order on each run (512 tokens): equal up to rounding, not
+        # bitwise
         tol = tolerance_for(torch.bfloat16)
         torch.testing.assert_close(y.float(), infer(layer, x).float(), rtol=tol.rtol, atol=tol.atol)
 
