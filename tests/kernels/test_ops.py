@@ -211,6 +211,60 @@ def test_every_experts_sequence_matches_the_reference(mode, finish, dtype, bias,
     assert_close(y, layer.reference_forward(x), dtype, f"y {mode} {finish} {dtype}")
 
 
+FENCE = 1 << 12  # canary bytes on each side of every buffer a plan writes
+
+
+def run_fenced(plan, inputs: dict) -> tuple[dict, list[str]]:
+    """Run `plan` (CPU, interpreter) with each output and the workspace inside a slab of canary bytes, as
+    `host.run_plan` would run it; returns the outputs and the buffers whose canaries changed (written
+    out of bounds, which on a GPU corrupts whatever lies there: ONNX Runtime's or TensorRT's tensors)."""
+    from math import prod
+
+    from moexport.kernels.host import _Prepared
+
+    prepared = _Prepared(plan, {n: tuple(t.shape) for n, t in inputs.items() if t is not None})
+    slabs, buffers = {}, dict(inputs)
+
+    def fenced(name, nbytes):
+        slabs[name] = torch.full((nbytes + 2 * FENCE,), 0xA5, dtype=torch.uint8)
+        return slabs[name][FENCE:FENCE + nbytes]
+
+    for name, shape, dtype, zero in prepared.outputs:
+        buffers[name] = fenced(name, prod(shape) * dtype.itemsize).view(dtype).view(shape)
+        if zero:
+            buffers[name].zero_()
+    workspace = fenced("workspace", prepared.workspace_bytes)
+    for name, offset, shape, dtype, zero in prepared.workspace:
+        buffers[name] = workspace[offset:offset + prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        if zero:
+            buffers[name].zero_()
+    for fn, grid, args, options in prepared.steps:
+        fn[grid](**{a: (buffers[v] if is_buffer else v) for a, (is_buffer, v) in args.items()}, **options)
+    spoiled = [n for n, slab in slabs.items() if bool((slab[:FENCE] != 0xA5).any() | (slab[-FENCE:] != 0xA5).any())]
+    return {name: buffers[name] for name, *_ in prepared.outputs}, spoiled
+
+
+@pytest.mark.parametrize("mode, finish", SEQUENCES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_every_sequence_writes_only_its_own_buffers(mode, finish, dtype, monkeypatch):
+    """Each sequence, with the experts output the ONNX op has, stays inside its outputs and workspace
+    (a fused float32 LM faulted on ONNX Runtime's CUDA provider; this rules out the plans' indexing),
+    and still matches the reference."""
+    from moexport.kernels import plan as plans
+
+    monkeypatch.setattr(plans, "GATHER_SCAN", 64)
+    layer = make_layer(dtype, expert_size=32)
+    configs = experts_configs({"mode": mode, "BLOCK_M": 16 if mode == "gather" else 32, **SMALL_TILES,
+                               "finish": finish, "V_SPLIT": 2}, 150)
+    x = torch.randn(150, 24).to(dtype)
+    plan = sigma_moe_plan(MoEShape.of(layer, dtype_name(dtype)), 150, configs=configs, expert_output=True)
+    with torch.no_grad():
+        out, spoiled = run_fenced(plan, {"x": x, "expert_sel": layer.expert_sel, "keys": layer.keys,
+                                         "values": layer.values, "bias": layer.bias, "o_bias": layer.o_bias})
+    assert not spoiled, f"{mode} {finish}: written out of bounds around {spoiled}"
+    assert_close(out["y"], layer.reference_forward(x), dtype, f"y {mode} {finish} {dtype}")
+
+
 @pytest.mark.parametrize("speculate", [False, True])
 def test_values_of_units_no_added_row_activates_are_not_read(speculate, device):
     """ReLU units that are zero for every token a gather program adds contribute nothing, and the
