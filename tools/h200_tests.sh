@@ -13,8 +13,11 @@
 # moexport/plugins/libmoexport_ort.so (ort, sweep), moexport/trt_plugins/libmoexport_trt.so and
 # libmoexport_trt_harness.so (trt, sweep).
 # Usage (device run): bash tools/h200_tests.sh [seconds each suite may take; default 520] [suite ...]
-#   suites: kernels ort trt sweep (default: all four); KERNEL_TESTS narrows the kernels suite (default
-#   tests/kernels), e.g. KERNEL_TESTS="tests/kernels/test_onnx_plans.py tests/kernels/test_aot.py".
+#   suites: kernels ort trt sweep (default: all four), and memcheck: the tests SANITIZE_TESTS names
+#   (default: the float32 fused LM on ONNX Runtime's CUDA provider, which faulted once) under
+#   compute-sanitizer, which names the kernel and address of a bad access (log: pytest_memcheck.log).
+#   KERNEL_TESTS narrows the kernels suite (default tests/kernels), e.g.
+#   KERNEL_TESTS="tests/kernels/test_onnx_plans.py tests/kernels/test_aot.py".
 LIMIT=${1:-520}
 SUITES=${*:2}
 SUITES=${SUITES:-kernels ort trt sweep}
@@ -34,6 +37,7 @@ for name in $SUITES; do
     ort) needs="$ORT_BUNDLE $ORT_LIB" ;;
     trt) needs=$TRT_LIBS ;;
     sweep) needs="$ORT_BUNDLE $ORT_LIB $TRT_LIBS" ;;
+    memcheck) needs="$ORT_BUNDLE $ORT_LIB" ;;
     *) needs= ;;
   esac
   for file in $needs; do
@@ -44,13 +48,19 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a $SUMMA
 python3 -c "import torch, triton, onnxruntime as o; print('torch', torch.__version__, 'triton', triton.__version__,
   'onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a $SUMMARY
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo yes)
-suite() {  # name, processes, pytest arguments...
-  local name=$1 jobs=$2 start=$SECONDS
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+suite() {  # name, processes (0: one, under compute-sanitizer), pytest arguments...
+  local name=$1 jobs=$2 start=$SECONDS wrap=
   shift 2
+  if [ "$jobs" = 0 ]; then
+    [ -n "$SANITIZER" ] || { echo "$name: no compute-sanitizer on this machine" >> $SUMMARY; return; }
+    wrap="$SANITIZER --tool memcheck --print-limit 5"
+    jobs=
+  fi
   # -v names each test as it ends (a suite cut by its time limit leaves no summary); faulthandler dumps the
   # stacks of a test still running after 150 s (one hung until the limit once, unnamed)
-  timeout $LIMIT python3 -m pytest -v -rfE -p no:cacheprovider --durations=5 -o faulthandler_timeout=150 \
-    ${XDIST:+-n $jobs} "$@" > $OUT/pytest_$name.log 2>&1
+  timeout $LIMIT $wrap python3 -m pytest -v -rfE -p no:cacheprovider --durations=5 -o faulthandler_timeout=150 \
+    ${XDIST:+${jobs:+-n $jobs}} "$@" > $OUT/pytest_$name.log 2>&1
   echo "$name: exit $?, $((SECONDS - start)) s: $(tail -1 $OUT/pytest_$name.log)" >> $SUMMARY
   grep -cE "PASSED|FAILED|ERROR|SKIPPED" $OUT/pytest_$name.log | sed "s/^/  $name: tests reported /" >> $SUMMARY
 }
@@ -60,7 +70,8 @@ for name in $SUITES; do
     ort) suite ort 5 -m gpu tests/plugins & ;;
     trt) suite trt 4 -m gpu tests/trt_plugins & ;;
     sweep) suite sweep 7 -m gpu tests/tools/test_sweep.py & ;;
-    *) echo "unknown suite $name (kernels, ort, trt, sweep)" | tee -a $SUMMARY ;;
+    memcheck) suite memcheck 0 -m gpu ${SANITIZE_TESTS:-tests/plugins/test_ort_gpu.py -k "fused_lm and float32"} & ;;
+    *) echo "unknown suite $name (kernels, ort, trt, sweep, memcheck)" | tee -a $SUMMARY ;;
   esac
 done
 wait
