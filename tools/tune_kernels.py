@@ -31,9 +31,13 @@ from moexport.kernels.configs import (GATHER_MAX_TOKENS, ROUTE_FIELDS, ConfigTab
 
 SHIPPED = Path(__file__).resolve().parents[1] / "moexport" / "kernels" / "configs.json"
 
+# Configs are timed in float16: the tiles serve both half-precision dtypes alike, and only float16 plans
+# take a config's 'atomic' summation (bfloat16 plans sum in float32: 7 bfloat16 adds already left the
+# bfloat16 tolerance, see plan.sigma_moe_plan), so that is where summations differ in speed.
+DTYPE = torch.float16
 # Largest error (max |moe - grouped_mm| / max |grouped_mm|) a config may have to be picked: about three
-# bfloat16 steps at the largest output. Float32 sums stay near 0.004-0.007; bfloat16 atomics round
-# each of a token's k * hidden-chunk adds and reach 0.008-0.022, so many adds are turned down.
+# bfloat16 steps at the largest output. Float32 sums stay near 0.004-0.007; bfloat16 atomics rounded
+# each of a token's k * hidden-chunk adds and reached 0.008-0.022 (earlier tuning rounds, in bfloat16).
 MAX_ERR = 0.0125
 # Configs within this factor of the fastest count as equally fast (timing noise): the most accurate wins.
 NOISE = 1.02
@@ -122,9 +126,9 @@ def _warm_one(task: tuple) -> str:
     """Compile (into Triton's disk cache) the kernels of one (shape, T, config, table), in a worker process."""
     name, T, config, configs = task
     try:
-        layer = Layer(*SHAPES[name], configs=trying(name, T, config, configs))
+        layer = Layer(*SHAPES[name], dtype=DTYPE, configs=trying(name, T, config, configs))
         with torch.no_grad():
-            layer.moe(torch.randn(T, layer.d, device=DEVICE, dtype=torch.bfloat16))
+            layer.moe(torch.randn(T, layer.d, device=DEVICE, dtype=DTYPE))
         torch.cuda.synchronize()
         return ""
     except Exception as error:  # noqa: BLE001 - reported, and the main process meets it again
@@ -177,8 +181,8 @@ def tune(name: str, T: int, *, sequences: bool = False, configs: ConfigTable | N
     checking each one's output against torch._grouped_mm; returns them all and the one `pick` ships.
     Candidates are tried on top of `configs` (None: the shipped table)."""
     d, E, G, k = SHAPES[name]
-    layer = Layer(d, E, G, k)
-    x = torch.randn(T, d, device=DEVICE, dtype=torch.bfloat16)
+    layer = Layer(d, E, G, k, dtype=DTYPE)
+    x = torch.randn(T, d, device=DEVICE, dtype=DTYPE)
     timings = []
     with torch.no_grad():
         ref = layer.grouped_mm(x)

@@ -58,15 +58,9 @@ def activate_grad(x, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def add_into(ptrs, value, mask):
-    """Atomically add a float32 tile into `ptrs`, rounded to their dtype first (half-precision targets
-    take one rounding per add). The interpreter lacks bfloat16 atomics; it runs programs one at a
-    time, so a load and a store there are the same add."""
-    value = value.to(ptrs.dtype.element_ty)
-    if INTERPRET and ptrs.dtype.element_ty == tl.bfloat16:
-        old = tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, (old.to(tl.float32) + value.to(tl.float32)).to(tl.bfloat16), mask=mask)
-    else:
-        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+    """Atomically add a float32 tile into `ptrs`, rounded to their dtype first (float16 targets take one
+    rounding per add; no plan adds into bfloat16, whose 8 bits round too coarsely for that)."""
+    tl.atomic_add(ptrs, value.to(ptrs.dtype.element_ty), mask=mask, sem="relaxed")
 
 
 # Programmatic dependent launch (sm_90+): a kernel launched with `launch_pdl` may start while the
