@@ -200,16 +200,22 @@ def run_plan(plan: Plan, tensors: dict[str, torch.Tensor | None]) -> dict[str, t
     workspace = torch.empty(max(prepared.workspace_bytes, 1), dtype=torch.uint8, device=device)
     if prepared.fast is not None and _direct_launch() and _launch_direct(prepared, buffers, workspace, device):
         return {name: buffers[name] for name, *_ in prepared.outputs}
-    for name, offset, shape, dtype, zero in prepared.workspace:
-        buffers[name] = _view(workspace, offset, shape, dtype)
-        if zero:
-            buffers[name].zero_()
-    compiled = [fn[grid](**{n: (buffers[v] if is_buffer else v) for n, (is_buffer, v) in args.items()}, **options)
-                for fn, grid, args, options in prepared.steps]
+    compiled = launch_jit(prepared, buffers, workspace)
     if device.type == "cuda" and prepared.fast is None and _direct_launch():
         inputs = {n: buffers[n].data_ptr() for n, *_ in prepared.inputs if buffers[n] is not None}
         prepared.record(compiled, inputs)
     return {name: buffers[name] for name, *_ in prepared.outputs}
+
+
+def launch_jit(prepared: _Prepared, buffers: dict, workspace: torch.Tensor) -> list:
+    """Launch the plan's steps through Triton's JIT on `buffers` (inputs and outputs by name), with the
+    workspace buffers laid out in `workspace` (added to `buffers`); returns the compiled kernels."""
+    for name, offset, shape, dtype, zero in prepared.workspace:
+        buffers[name] = _view(workspace, offset, shape, dtype)
+        if zero:
+            buffers[name].zero_()
+    return [fn[grid](**{n: (buffers[v] if is_buffer else v) for n, (is_buffer, v) in args.items()}, **options)
+            for fn, grid, args, options in prepared.steps]
 
 
 def _launch_direct(prepared: _Prepared, buffers: dict, workspace: torch.Tensor, device: torch.device) -> bool:

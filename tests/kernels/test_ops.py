@@ -215,12 +215,12 @@ FENCE = 1 << 12  # canary bytes on each side of every buffer a plan writes
 
 
 def run_fenced(plan, inputs: dict) -> tuple[dict, list[str]]:
-    """Run `plan` (CPU, interpreter) with each output and the workspace inside a slab of canary bytes, as
-    `host.run_plan` would run it; returns the outputs and the buffers whose canaries changed (written
-    out of bounds, which on a GPU corrupts whatever lies there: ONNX Runtime's or TensorRT's tensors)."""
+    """Run `plan` (CPU, interpreter) as `host.run_plan` does, with each output and the workspace inside a
+    slab of canary bytes; returns the outputs and the buffers whose canaries changed (written out of
+    bounds, which on a GPU corrupts whatever lies there: ONNX Runtime's or TensorRT's tensors)."""
     from math import prod
 
-    from moexport.kernels.host import _Prepared
+    from moexport.kernels.host import _Prepared, launch_jit
 
     prepared = _Prepared(plan, {n: tuple(t.shape) for n, t in inputs.items() if t is not None})
     slabs, buffers = {}, dict(inputs)
@@ -233,13 +233,7 @@ def run_fenced(plan, inputs: dict) -> tuple[dict, list[str]]:
         buffers[name] = fenced(name, prod(shape) * dtype.itemsize).view(dtype).view(shape)
         if zero:
             buffers[name].zero_()
-    workspace = fenced("workspace", prepared.workspace_bytes)
-    for name, offset, shape, dtype, zero in prepared.workspace:
-        buffers[name] = workspace[offset:offset + prod(shape) * dtype.itemsize].view(dtype).view(shape)
-        if zero:
-            buffers[name].zero_()
-    for fn, grid, args, options in prepared.steps:
-        fn[grid](**{a: (buffers[v] if is_buffer else v) for a, (is_buffer, v) in args.items()}, **options)
+    launch_jit(prepared, buffers, fenced("workspace", prepared.workspace_bytes))
     spoiled = [n for n, slab in slabs.items() if bool((slab[:FENCE] != 0xA5).any() | (slab[-FENCE:] != 0xA5).any())]
     return {name: buffers[name] for name, *_ in prepared.outputs}, spoiled
 
