@@ -202,6 +202,12 @@ def _pow2_below(x: float) -> int:
     return 1 << max(0, int(x).bit_length() - 1)
 
 
+def float32_finish(n_bucket: int, v_dim: int) -> str:
+    """How a token's contributions are summed in float32: rounded by a finalize pass when the
+    accumulator is at least PASS_ACC_BYTES, else by the last contributor of each row."""
+    return "pass" if n_bucket * v_dim * 4 >= PASS_ACC_BYTES else "inline"
+
+
 def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int, n_bucket: int, *,
                    configs: Configs = None) -> dict[str, Any]:
     """How the inference forward runs the experts for a layer shape and token bucket.
@@ -249,7 +255,7 @@ def experts_config(d: int, n_experts: int, expert_size: int, v_dim: int, k: int,
     # tuning harness's error bound (MAX_ERR, tools/tune_kernels.py) up to 16 of them; beyond, float32
     # sums (a finalize pass for large outputs)
     adds = k * -(-G // block_g)
-    finish = "pass" if n_bucket * v_dim * 4 >= PASS_ACC_BYTES else "inline"
+    finish = float32_finish(n_bucket, v_dim)
     if adds <= MAX_ATOMIC_ADDS:
         finish = "atomic"
     return {"mode": "fused", "BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_D": 64, "BLOCK_N": 64 if big else 128,

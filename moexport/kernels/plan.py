@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moexport.kernels.configs import (PASS_ACC_BYTES, SPECULATE_MIN_USE, Configs, bucket, expected_share,
-                                      experts_config, pow2, tile_config)
+from moexport.kernels.configs import (SPECULATE_MIN_USE, Configs, bucket, expected_share, experts_config,
+                                      float32_finish, pow2, tile_config)
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 SELECTION_CODES = {"sigmoid": 0, "softmax": 1, "softmax_after_topk": 2}
@@ -303,7 +303,7 @@ def sigma_moe_plan(s: MoEShape, n_tokens: int, *, configs: Configs = None, exper
         # bfloat16 atomics round each of a token's k * chunks adds to 8 bits: 7 of them already left the
         # bfloat16 tolerance (the sweep's seed 5 case 73), and the op set promises one final rounding.
         # float16's 11 bits keep the shipped configs' up to 16 adds within it (the GPU sweeps)
-        finish = "pass" if n * dv * 4 >= PASS_ACC_BYTES else "inline"
+        finish = float32_finish(n, dv)
     o_bias = "o_bias" if s.bias else None
     count_cols = cfg.get("V_SPLIT", 1)  # experts programs of one row block with their own columns
     if mode == "split":
