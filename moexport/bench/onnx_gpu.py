@@ -20,7 +20,8 @@ batch × tokens 1×1, 1×256, 16×256.
 Every call is timed from the host after an L2 flush (weights from device memory) to the end of the
 device's work (a device-wide synchronize): what one call costs a caller, launch overhead included. The
 paths of a cell are timed in `--reps` interleaved rounds (each path once a round), median per path, so
-host jitter falls on all of them alike (the function bodies apart, in fewer rounds). The ORT output is checked against the PyTorch path (tokens routed alike).
+host jitter falls on all of them alike (the function bodies apart, in fewer rounds). The ORT output is
+checked against the PyTorch path (tokens routed alike).
 
     python -m moexport.bench onnx-gpu [--out DIR] [--reps 60] [--no-lm]
 """
@@ -299,10 +300,10 @@ def _lm_table(rows: list[dict]) -> str:
 
 NOTES = """\
 Milliseconds per call from the host, after an L2 flush, to the end of the device's work (median of
-interleaved rounds: every path once a round); launch overhead included, as a caller sees it. Ratios: `vs_torch` = moexport_ort / torch_kernels (same
-kernels: target <= 1.15), `vs_torch_graph` the same both under CUDA graphs, `vs_param` = moexport_ort /
-dense_param (target < 1 at T >= 256), `vs_compute` = moexport_ort / dense_compute (target <= 2 at
-T <= 16), `vs_ort_moe` = moexport_ort / ort_moe (target < 1; ORT's MoE routes by softmax: a speed
-anchor, not the same model). `max_err` = max |ORT - PyTorch path| / max |PyTorch path| over the tokens
+interleaved rounds: every path once a round); launch overhead included, as a caller sees it. Ratios:
+`vs_torch` = moexport_ort / torch_kernels (same kernels: target <= 1.15), `vs_torch_graph` the same
+both under CUDA graphs, `vs_param` = moexport_ort / dense_param (target < 1 at T >= 256), `vs_compute`
+= moexport_ort / dense_compute (target <= 2 at T <= 16), `vs_ort_moe` = moexport_ort / ort_moe (target
+< 1; ORT's MoE routes by softmax: a speed anchor, not the same model). `max_err` = max |ORT - PyTorch path| / max |PyTorch path| over the tokens
 routed alike, `flips` the tokens whose row differs by more than 5% (routed differently). An empty cell
 is a baseline the runtime could not run (`errors` in the JSON)."""
