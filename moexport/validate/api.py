@@ -30,6 +30,7 @@ from moexport.validate.report import ValidationReport
 from moexport.validate.runners import TorchRunner, check_io, onnxrt_runner, sigma_moe_layers, trt_runner
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+CUDA_FULL_FLOAT32 = {"use_tf32": "0"}  # the CUDA provider options of the onnxrt-cuda runner
 RUNNERS = ("onnxrt", "onnxrt-cuda", "trt")
 
 
@@ -93,9 +94,9 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
     routing_names = {routing_name(path) for path in sigma_moe_layers(model)}
     with contextlib.ExitStack() as stack:
         if is_engine:
-            source, metadata, outputs, recorded_dtype = artifact, None, None, None
+            source, metadata, outputs, recorded_dtype, widened = artifact, None, None, None, []
         else:
-            source, metadata, outputs, recorded_dtype = _prepare_onnx(artifact, routing_names, stack)
+            source, metadata, outputs, recorded_dtype, widened = _prepare_onnx(artifact, routing_names, stack)
         dtype = dtype_name(dtype or recorded_dtype or "float32")
         if recorded_dtype == "bfloat16" and "onnxrt" in runners:
             raise MoexportError(str(artifact), "is a bfloat16 model, and ONNX Runtime's CPU provider has no "
@@ -112,7 +113,7 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
         torch_runner = TorchRunner(model, input_metadata=metadata, output_names=outputs, dtype="float32")
         seed = 1 if seed is None else seed
         with _polygraphy_log(verbose):
-            feeds = make_inputs(metadata, seed=seed, iterations=iterations,
+            feeds = make_inputs(metadata, seed=seed, iterations=iterations, bfloat16=widened,
                                 vocab_size=getattr(model, "vocab_size", None), use_text=use_text is not False)
             compiled_before = compiled_calls()
             results = Comparator.run([torch_runner, *artifact_runners], data_loader=feeds)
@@ -127,7 +128,11 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
         outputs=numeric, routing=routing,
         latency_ms={name: 1e3 * statistics.median(it.runtime for it in iters) for name, iters in results})
     if not is_engine:
-        report.notes += _execution_notes(runners, source, compiled)
+        report.notes += _execution_notes(runners, source, compiled, dtype)
+    if widened:
+        report.notes.append(f"the bfloat16 inputs and outputs ({', '.join(widened)}) were cast from and to float32 at "
+                            "the graph's edges (ONNX Runtime's Python API has no bfloat16 arrays); the inputs "
+                            "hold bfloat16 values, so both sides saw the same numbers")
     if routing_names and not routing_names & set(outputs or []):
         report.notes.append("the artifact exposes no expert indices, so routing agreement was not checked; "
                             "export with routing outputs (moexport export --routing-outputs)")
@@ -136,7 +141,7 @@ def validate(artifact: str | os.PathLike, checkpoint: str | os.PathLike | torch.
     return report
 
 
-def _execution_notes(runners: list[str], source, compiled: int) -> list[str]:
+def _execution_notes(runners: list[str], source, compiled: int, dtype: str) -> list[str]:
     """Where each ONNX Runtime runner ran the moexport nodes: compiled kernels or function bodies."""
     proto = source if isinstance(source, onnx.ModelProto) else load_model(source, load_external_data=False)
     if not any(node.domain == DOMAIN for node in proto.graph.node):
@@ -148,6 +153,9 @@ def _execution_notes(runners: list[str], source, compiled: int) -> list[str]:
         notes.append(f"onnxrt-cuda ran the moexport nodes on the compiled kernels ({compiled} node executions)"
                      if compiled else "onnxrt-cuda ran the moexport nodes on their function bodies (the file "
                      "carries no compiled kernels: moexport fuse --arch SM attaches them)")
+    if "onnxrt-cuda" in runners and dtype == "float32":
+        notes.append("onnxrt-cuda ran float32 without TF32 (use_tf32=0): with TF32 (ONNX Runtime's default) "
+                     "its MatMuls differ from float32 by about 1e-3 relative, which no float32 tolerance admits")
     return notes
 
 
@@ -191,11 +199,13 @@ def _make_runner(name: str, source: Path | onnx.ModelProto, artifact: Path):
     if not _ort_has_cuda():
         raise MoexportError(f"runner {name!r}", "needs ONNX Runtime's CUDA execution provider, which is not installed",
                             "install onnxruntime-gpu (pip install 'moexport[gpu]') on a machine with a CUDA GPU")
-    return onnxrt_runner(source, providers=["CUDAExecutionProvider"], source=str(artifact))
+    # parity is checked at the artifact's own precision: TF32 MatMuls would swamp a float32 comparison
+    return onnxrt_runner(source, providers=[("CUDAExecutionProvider", CUDA_FULL_FLOAT32)], source=str(artifact))
 
 
 def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitStack):
-    """Read the graph's inputs/outputs and dtype; expose internal expert-index tensors as outputs.
+    """Read the graph's inputs/outputs and dtype; expose internal expert-index tensors as outputs;
+    widen bfloat16 inputs and outputs to float32 (`_widen_bfloat16`).
 
     The exporter names each σ-MoE layer's expert indices ``experts.<module path>`` even when they are
     not graph outputs; marking them as outputs lets routing be compared without re-exporting. The file
@@ -203,6 +213,8 @@ def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitSta
     """
     model = load_model(path)
     graph = model.graph
+    recorded = model_dtype(model)
+    widened = _widen_bfloat16(graph)
     initializers = {i.name for i in graph.initializer}
     metadata = TensorMetadata()
     for value in graph.input:
@@ -211,7 +223,6 @@ def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitSta
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim)
         metadata.add(value.name, DataType.from_dtype(value.type.tensor_type.elem_type, "onnx"), dims)
     outputs = [o.name for o in graph.output]
-    recorded = model_dtype(model)
     internal = sorted({o for node in graph.node for o in node.output if o in routing_names} - set(outputs))
     if internal:
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -219,11 +230,39 @@ def _prepare_onnx(path: Path, routing_names: set[str], stack: contextlib.ExitSta
         for name in internal:
             graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.INT64), None))
     if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
-        return model, metadata, outputs + internal, recorded
+        return model, metadata, outputs + internal, recorded, widened
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="moexport-validate-"))
     copy = Path(folder) / path.name
     onnx.save(model, str(copy), save_as_external_data=True)
-    return copy, metadata, outputs + internal, recorded
+    return copy, metadata, outputs + internal, recorded, widened
+
+
+def _widen_bfloat16(graph: onnx.GraphProto) -> list[str]:
+    """Make the graph's bfloat16 inputs and outputs float32, in place, with a Cast beside each: ONNX
+    Runtime's Python API (and so polygraphy's runner) has no NumPy type for bfloat16. Names stay, so
+    feeds and comparisons are unchanged; the inputs then need bfloat16 values (`make_inputs`).
+
+    Returns:
+        The names of the inputs widened, then of the outputs.
+    """
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.type.tensor_type.elem_type == bf16 and v.name not in initializers]
+    outputs = [v for v in graph.output if v.type.tensor_type.elem_type == bf16]
+    inner = {v.name: f"{v.name}.bfloat16" for v in inputs + outputs}  # the bfloat16 tensor inside
+    for node in graph.node:
+        node.input[:] = [inner.get(name, name) for name in node.input]
+        node.output[:] = [inner.get(name, name) for name in node.output]
+    casts_in = [onnx.helper.make_node("Cast", [v.name], [inner[v.name]], to=bf16, name=f"widen_{v.name}")
+                for v in inputs]
+    casts_out = [onnx.helper.make_node("Cast", [inner[v.name]], [v.name], to=f32, name=f"widen_{v.name}")
+                 for v in outputs]
+    nodes = casts_in + list(graph.node) + casts_out
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for value in inputs + outputs:
+        value.type.tensor_type.elem_type = f32
+    return [v.name for v in inputs + outputs]
 
 
 def _engine_io(runner) -> tuple[TensorMetadata, list[str]]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.resources
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import numpy as np
+import torch
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import DataLoader
 
@@ -51,7 +53,7 @@ def concrete_metadata(metadata: TensorMetadata, shapes: dict[str, tuple[int, ...
 
 
 def make_inputs(metadata: TensorMetadata, *, seed: int = 1, iterations: int = 2, vocab_size: int | None = None,
-                use_text: bool = True) -> list[OrderedDict[str, np.ndarray]]:
+                use_text: bool = True, bfloat16: Iterable[str] = ()) -> list[OrderedDict[str, np.ndarray]]:
     """Feed dicts: `iterations` of seeded random data, then (for byte-level LMs) the text sample.
 
     Args:
@@ -60,12 +62,17 @@ def make_inputs(metadata: TensorMetadata, *, seed: int = 1, iterations: int = 2,
         iterations: Number of random feed dicts.
         vocab_size: Vocabulary size bounding token ids (`input_ids`).
         use_text: Add one feed dict made of the text sample when the model reads raw bytes.
+        bfloat16: Float32 inputs that stand for bfloat16 ones: their values are rounded to bfloat16, so
+            a reference fed the float32 array sees what the artifact sees.
     """
     val_range = {"": (-2.0, 2.0)}
     if "input_ids" in metadata and vocab_size:
         val_range["input_ids"] = (0, vocab_size - 1)
     loader = DataLoader(seed=seed, iterations=iterations, input_metadata=metadata, val_range=val_range)
     feeds = [OrderedDict((name, np.asarray(value)) for name, value in loader[i].items()) for i in range(iterations)]
+    for feed in feeds:
+        for name in set(bfloat16) & set(feed):
+            feed[name] = torch.from_numpy(feed[name]).to(torch.bfloat16).float().numpy()
     if use_text and "input_ids" in metadata and vocab_size == BYTE_VOCAB:
         batch, seq = metadata["input_ids"].shape
         text = np.frombuffer(sample_text(), dtype=np.uint8)

@@ -192,20 +192,22 @@ def check_io(model: torch.nn.Module, artifact: str, metadata: TensorMetadata, ou
                             f"layer); {hint}")
 
 
-def onnxrt_runner(model: str | Path | onnx.ModelProto, *, providers: list[str] | None = None,
+def onnxrt_runner(model: str | Path | onnx.ModelProto, *, providers: list[str | tuple[str, dict]] | None = None,
                   name: str | None = None, source: str | None = None) -> OnnxrtRunner:
     """Polygraphy's OnnxrtRunner over our own session (moexport's op set registered).
 
     Args:
         model: ONNX file, or the graph itself.
-        providers: ONNX Runtime execution providers. Defaults to ["CPUExecutionProvider"].
+        providers: ONNX Runtime execution providers, names or (name, options). Defaults to
+            ["CPUExecutionProvider"].
         name: Runner name. Defaults to "onnxrt-<provider>".
         source: The file a given graph was read from, for error messages.
     """
     from moexport.plugins import ort_session
 
     providers = providers or ["CPUExecutionProvider"]
-    label = providers[0].removesuffix("ExecutionProvider").lower()
+    first = providers[0][0] if isinstance(providers[0], (tuple, list)) else providers[0]
+    label = first.removesuffix("ExecutionProvider").lower()
     return OnnxrtRunner(lambda: ort_session(model, providers=providers, source=source),
                         name=name or f"onnxrt-{label}")
 

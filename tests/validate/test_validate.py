@@ -180,6 +180,39 @@ def test_a_float16_layer_is_judged_as_float16_against_the_float32_layer(tmp_path
     assert [r.layer for r in report.routing] == [""]
 
 
+def test_bfloat16_inputs_and_outputs_reach_onnx_runtime_as_float32_with_bfloat16_values():
+    """ONNX Runtime's Python API has no bfloat16 arrays, so validate widens a bfloat16 graph's edges: a
+    Cast beside each input and output, names kept (an output read inside the graph too), and feeds
+    rounded to bfloat16 so the float32 reference sees the artifact's numbers."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from moexport.validate import make_inputs
+    from moexport.validate.api import _widen_bfloat16
+
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 8])
+    z = helper.make_tensor_value_info("z", TensorProto.BFLOAT16, [2, 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Identity", ["y"], ["z"])],
+                              "edges", [x], [y, z])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    assert _widen_bfloat16(model.graph) == ["x", "y", "z"]
+    onnx.checker.check_model(model, full_check=True)
+    assert [(v.name, v.type.tensor_type.elem_type) for v in [*model.graph.input, *model.graph.output]] == \
+        [("x", TensorProto.FLOAT), ("y", TensorProto.FLOAT), ("z", TensorProto.FLOAT)]
+
+    from polygraphy.common import TensorMetadata
+    from polygraphy.datatype import DataType
+
+    metadata = TensorMetadata().add("x", DataType.FLOAT32, (2, 8))
+    (feed,) = make_inputs(metadata, iterations=1, bfloat16=["x"])
+    values = torch.from_numpy(feed["x"])
+    assert torch.equal(values.to(torch.bfloat16).float(), values) and values.unique().numel() > 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out_y, out_z = session.run(["y", "z"], dict(feed))
+    assert out_y.dtype == np.float32 and np.array_equal(out_y, feed["x"]) and np.array_equal(out_z, feed["x"])
+
+
 def test_bad_input_is_one_clear_error(lm, lm_dispatch, tmp_path):
     with pytest.raises(MoexportError, match="does not exist"):
         validate(tmp_path / "missing.onnx", lm)
