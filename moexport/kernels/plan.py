@@ -36,6 +36,10 @@ SHARED_BUDGET = 166912
 # took 112 us, 7x its time at 16 tokens, H100; every benchmark shape spilled somewhere; 8 warps did not
 # make room for twice the elements). Half-precision tiles feed the tensor cores from shared memory.
 F32_OPERAND_ELEMENTS = 2048
+# The expert kernel's hidden tile h [BLOCK_M, BLOCK_G] is the up product's accumulator and the down
+# product's split operand, so in float32 it is bounded too: Triton 3.6 (the H100/H200 machines') spilled
+# 240 bytes a thread at 64 x 128 (the large shape, float32, 256 tokens), Triton 3.9 none.
+F32_HIDDEN_ELEMENTS = 4096
 
 
 @dataclass(frozen=True)
@@ -355,6 +359,8 @@ def _experts_step(s: MoEShape, n: int, cfg: dict, *, dispatched: bool, acc: str,
     E, G = s.n_experts, s.expert_size
     block_m, block_g, v_split = cfg["BLOCK_M"], min(cfg["BLOCK_G"], pow2(G)), cfg.get("V_SPLIT", 1)
     item = _item(s.dtype)
+    if item == 4:
+        block_g = min(block_g, _fit(F32_HIDDEN_ELEMENTS, block_m))
     # up: x [block_m, block_d] @ keys [block_d, block_g]; down: h [block_m, block_g] @ values [block_g, block_n]
     # (the down product's operands are bounded through block_n, its reduction being the hidden chunk)
     block_d = _reduction_tile(min(cfg["BLOCK_D"], pow2(s.d)), block_m + block_g, item)

@@ -215,8 +215,8 @@ FENCE = 1 << 12  # canary bytes on each side of every buffer a plan writes
 
 
 def run_fenced(plan, inputs: dict) -> tuple[dict, list[str]]:
-    """Run `plan` (CPU, interpreter) as `host.run_plan` does, with each output and the workspace inside a
-    slab of canary bytes; returns the outputs and the buffers whose canaries changed (written out of
+    """Run `plan` as `host.run_plan` does (on the inputs' device: the interpreter on the CPU, compiled
+    kernels on a GPU), with each output and the workspace inside a slab of canary bytes; returns the outputs and the buffers whose canaries changed (written out of
     bounds, which on a GPU corrupts whatever lies there: ONNX Runtime's or TensorRT's tensors)."""
     from math import prod
 
@@ -224,9 +224,10 @@ def run_fenced(plan, inputs: dict) -> tuple[dict, list[str]]:
 
     prepared = _Prepared(plan, {n: tuple(t.shape) for n, t in inputs.items() if t is not None})
     slabs, buffers = {}, dict(inputs)
+    device = inputs["x"].device
 
     def fenced(name, nbytes):
-        slabs[name] = torch.full((nbytes + 2 * FENCE,), 0xA5, dtype=torch.uint8)
+        slabs[name] = torch.full((nbytes + 2 * FENCE,), 0xA5, dtype=torch.uint8, device=device)
         return slabs[name][FENCE:FENCE + nbytes]
 
     for name, shape, dtype, zero in prepared.outputs:
@@ -240,17 +241,17 @@ def run_fenced(plan, inputs: dict) -> tuple[dict, list[str]]:
 
 @pytest.mark.parametrize("mode, finish", SEQUENCES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_every_sequence_writes_only_its_own_buffers(mode, finish, dtype, monkeypatch):
+def test_every_sequence_writes_only_its_own_buffers(mode, finish, dtype, device, monkeypatch):
     """Each sequence, with the experts output the ONNX op has, stays inside its outputs and workspace
     (a fused float32 LM faulted on ONNX Runtime's CUDA provider; this rules out the plans' indexing),
     and still matches the reference."""
     from moexport.kernels import plan as plans
 
     monkeypatch.setattr(plans, "GATHER_SCAN", 64)
-    layer = make_layer(dtype, expert_size=32)
+    layer = make_layer(dtype, expert_size=32, device=device)
     configs = experts_configs({"mode": mode, "BLOCK_M": 16 if mode == "gather" else 32, **SMALL_TILES,
                                "finish": finish, "V_SPLIT": 2}, 150)
-    x = torch.randn(150, 24).to(dtype)
+    x = torch.randn(150, 24).to(device, dtype)
     plan = sigma_moe_plan(MoEShape.of(layer, dtype_name(dtype)), 150, configs=configs, expert_output=True)
     with torch.no_grad():
         out, spoiled = run_fenced(plan, {"x": x, "expert_sel": layer.expert_sel, "keys": layer.keys,
