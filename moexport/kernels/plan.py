@@ -38,7 +38,8 @@ SHARED_BUDGET = 166912
 F32_OPERAND_ELEMENTS = 2048
 # The expert kernel's hidden tile h [BLOCK_M, BLOCK_G] is the up product's accumulator and the down
 # product's split operand, so in float32 it is bounded too: Triton 3.6 (the H100/H200 machines') spilled
-# 240 bytes a thread at 64 x 128 (the large shape, float32, 256 tokens), Triton 3.9 none.
+# 240 bytes a thread at 64 x 128 (the large shape, 256 tokens) and 176 at 128 x 128 (every benchmark
+# shape's dispatched kernel, 4096 tokens and more); Triton 3.9 none.
 F32_HIDDEN_ELEMENTS = 4096
 
 
