@@ -216,8 +216,9 @@ FENCE = 1 << 12  # canary bytes on each side of every buffer a plan writes
 
 def run_fenced(plan, inputs: dict) -> tuple[dict, list[str]]:
     """Run `plan` as `host.run_plan` does (on the inputs' device: the interpreter on the CPU, compiled
-    kernels on a GPU), with each output and the workspace inside a slab of canary bytes; returns the outputs and the buffers whose canaries changed (written out of
-    bounds, which on a GPU corrupts whatever lies there: ONNX Runtime's or TensorRT's tensors)."""
+    kernels on a GPU), with each output and the workspace inside a slab of canary bytes; returns the
+    outputs and the buffers whose canaries changed (written out of bounds, which on a GPU corrupts
+    whatever lies there: ONNX Runtime's or TensorRT's tensors)."""
     from math import prod
 
     from moexport.kernels.host import _Prepared, launch_jit
