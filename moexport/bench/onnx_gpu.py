@@ -304,6 +304,7 @@ interleaved rounds: every path once a round); launch overhead included, as a cal
 `vs_torch` = moexport_ort / torch_kernels (same kernels: target <= 1.15), `vs_torch_graph` the same
 both under CUDA graphs, `vs_param` = moexport_ort / dense_param (target < 1 at T >= 256), `vs_compute`
 = moexport_ort / dense_compute (target <= 2 at T <= 16), `vs_ort_moe` = moexport_ort / ort_moe (target
-< 1; ORT's MoE routes by softmax: a speed anchor, not the same model). `max_err` = max |ORT - PyTorch path| / max |PyTorch path| over the tokens
-routed alike, `flips` the tokens whose row differs by more than 5% (routed differently). An empty cell
-is a baseline the runtime could not run (`errors` in the JSON)."""
+< 1; ORT's MoE routes by softmax: a speed anchor, not the same model). `max_err` = max |ORT - PyTorch
+path| / max |PyTorch path| over the tokens routed alike, `flips` the tokens whose row differs by more
+than 5% (routed differently). An empty cell is a baseline the runtime could not run (`errors` in the
+JSON)."""

@@ -223,8 +223,13 @@ def _build(kernels: OpKernels, *, archs: tuple[int, ...], ptx_version: int, jobs
                 "kernels": manifest_kernels, "plans": manifest_plans}
     body = json.dumps(manifest, sort_keys=True).encode()
     manifest["key"] = hashlib.sha256(body + bytes(blobs)).hexdigest()[:16]
+    return pack_bundle(manifest, bytes(blobs))
+
+
+def pack_bundle(manifest: dict, blobs: bytes) -> bytes:
+    """A bundle's bytes: the magic, the manifest's length, the manifest, the images' blob."""
     text = json.dumps(manifest, sort_keys=True).encode()
-    return MAGIC + struct.pack("<Q", len(text)) + text + bytes(blobs)
+    return MAGIC + struct.pack("<Q", len(text)) + text + blobs
 
 
 def _compile_task(task: tuple):
@@ -272,6 +277,15 @@ def read_bundle(data: bytes) -> dict:
     Raises:
         MoexportError: the bytes are not a bundle of a known format.
     """
+    return unpack_bundle(data)[0]
+
+
+def unpack_bundle(data: bytes) -> tuple[dict, bytes]:
+    """A bundle's manifest and its images' blob (`pack_bundle` the other way).
+
+    Raises:
+        MoexportError: the bytes are not a bundle of a known format.
+    """
     data = bytes(data)
     if len(data) < 16 or data[:8] != MAGIC:
         raise MoexportError("kernel bundle", "is not one (wrong magic bytes)")
@@ -281,7 +295,7 @@ def read_bundle(data: bytes) -> dict:
     manifest = json.loads(data[16:16 + length])
     if manifest.get("format") != FORMAT:
         raise MoexportError("kernel bundle", f"has format {manifest.get('format')}; this moexport reads {FORMAT}")
-    return manifest
+    return manifest, data[16 + length:]
 
 
 def _build_in_child(kernels: OpKernels, **options) -> bytes:

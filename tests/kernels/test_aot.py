@@ -61,7 +61,8 @@ def test_float32_route_and_expert_kernels_keep_their_tiles_in_registers(d, E, G,
     """Float32 products split their operand tiles in registers (3 tf32 passes); with the half-precision
     tiles the gather kernel of WT103-small at one token spilled 5.4 KB a thread (7x slower on an H100),
     and the fused LM's at 128 tokens 184 bytes; with Triton 3.6 (the GPU machines'), through their hidden
-    tiles, the large shape's at 256 tokens 240 bytes and WT103-small's dispatched one at 4096 tokens 176. Its plans take shorter tiles in float32: no spills."""
+    tiles, the large shape's at 256 tokens 240 bytes and WT103-small's dispatched one at 4096 tokens 176.
+    Its plans take shorter tiles in float32: no spills."""
     plan = sigma_moe_plan(MoEShape(d, E, G, d, k, "float32"), n_tokens)
     manifest = json.loads(compile_plan(plan, tmp_path, sm=90).read_text())
     for step in manifest["steps"]:

@@ -160,24 +160,18 @@ def test_bad_inputs_are_errors_that_name_the_node(fused_layers, tmp_path):
 def _label_kernels_for(path, sm: int) -> None:
     """Rewrite the file's kernel bundles as if fused for sm_`sm` alone: every image relabelled (the bytes
     stay those of this GPU's cubins, which the launcher then must not pick)."""
-    import json
-    import struct
-
     from moexport.exporter.compiled import BUNDLE_PREFIX
-    from moexport.kernels.bundle import MAGIC
+    from moexport.kernels.bundle import pack_bundle, unpack_bundle
 
     model = onnx.load(path)
     for tensor in model.graph.initializer:
         if tensor.name.startswith(BUNDLE_PREFIX):
-            data = numpy_helper.to_array(tensor).tobytes()
-            (length,) = struct.unpack("<Q", data[8:16])
-            manifest = json.loads(data[16:16 + length])
+            manifest, blobs = unpack_bundle(numpy_helper.to_array(tensor).tobytes())
             for kernel in manifest["kernels"]:
                 for image in kernel["images"]:
                     image["sm"] = sm
             manifest["archs"] = [sm]
-            text = json.dumps(manifest, sort_keys=True).encode()
-            relabelled = MAGIC + struct.pack("<Q", len(text)) + text + data[16 + length:]
+            relabelled = pack_bundle(manifest, blobs)
             tensor.CopyFrom(numpy_helper.from_array(np.frombuffer(relabelled, np.uint8), tensor.name))
     onnx.save(model, path)
 
