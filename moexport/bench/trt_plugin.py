@@ -64,9 +64,9 @@ def contract_plans(layer: Layer, dtype: str):
     kernels = bundles.sigma_moe_kernels(MoEShape(layer.d, layer.E, layer.G, layer.d, layer.k, dtype))
     sel = layer.sel.float()
 
-    def forward(x):  # the plan the launcher picks: the first (smallest) that holds the tokens
-        plan = next(p for p in kernels.plans if p.max_tokens >= x.shape[0])
-        return run_plan(plan, {"x": x, "expert_sel": sel, "keys": layer.keys, "values": layer.values})["y"]
+    def forward(x):
+        tensors = {"x": x, "expert_sel": sel, "keys": layer.keys, "values": layer.values}
+        return run_plan(kernels.plan_for(x.shape[0]), tensors)["y"]
     return forward
 
 

@@ -66,6 +66,12 @@ class OpKernels:
     op_inputs: tuple[str, ...]
     op_outputs: tuple[str, ...]
 
+    def plan_for(self, n: int):
+        """The plan a call of `n` tokens (or rows, see `select`) runs, as the native launcher picks it: the
+        first whose max_tokens holds them, else the last (which the launcher runs beyond only where
+        it is unbounded)."""
+        return next((p for p in self.plans if n <= p.max_tokens), self.plans[-1])
+
 
 def _buckets(max_tokens: int) -> list[int]:
     if max_tokens < 1:

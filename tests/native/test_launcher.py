@@ -78,7 +78,7 @@ def test_expressions_evaluate_as_python_does(library):
 
 def python_plan(kernels, n_tokens, shapes):
     """What the Python host does for the same call: the plan, its symbols, workspace and steps."""
-    plan = next((p for p in kernels.plans if n_tokens <= p.max_tokens), kernels.plans[-1])
+    plan = kernels.plan_for(n_tokens)
     symbols = bind_symbols([(b.name, b.shape) for b in plan.inputs], plan.derived, shapes, plan.name)
     sizes = [evaluate_numel(b.shape, symbols) * buffer_dtype(b.dtype).itemsize for b in plan.workspace]
     offsets, total = pack_workspace(sizes)
