@@ -64,12 +64,18 @@ def carries_kernels(model: onnx.ModelProto) -> bool:
     return any(kernels_input(node) for node in model.graph.node)
 
 
+def provider_name(provider: str | tuple[str, dict]) -> str:
+    """An execution provider's name, given as ONNX Runtime takes it: a name or (name, options)."""
+    return provider[0] if isinstance(provider, (tuple, list)) else provider
+
+
 def _uses_cuda(providers: list) -> bool:
-    return any((p[0] if isinstance(p, (tuple, list)) else p) == "CUDAExecutionProvider" for p in providers)
+    return any(provider_name(p) == "CUDAExecutionProvider" for p in providers)
 
 
-def ort_session(model: str | os.PathLike | onnx.ModelProto, *, providers: list[str] | None = None,
-                threads: int | None = None, optimization: str | None = None, source: str | None = None):
+def ort_session(model: str | os.PathLike | onnx.ModelProto, *,
+                providers: list[str | tuple[str, dict]] | None = None, threads: int | None = None,
+                optimization: str | None = None, source: str | None = None):
     """An ONNX Runtime InferenceSession for a graph with moexport ops.
 
     With the CUDA execution provider, nodes that carry compiled kernels run them (the op library is

@@ -203,11 +203,10 @@ def onnxrt_runner(model: str | Path | onnx.ModelProto, *, providers: list[str | 
         name: Runner name. Defaults to "onnxrt-<provider>".
         source: The file a given graph was read from, for error messages.
     """
-    from moexport.plugins import ort_session
+    from moexport.plugins.runtime import ort_session, provider_name
 
     providers = providers or ["CPUExecutionProvider"]
-    first = providers[0][0] if isinstance(providers[0], (tuple, list)) else providers[0]
-    label = first.removesuffix("ExecutionProvider").lower()
+    label = provider_name(providers[0]).removesuffix("ExecutionProvider").lower()
     return OnnxrtRunner(lambda: ort_session(model, providers=providers, source=source),
                         name=name or f"onnxrt-{label}")
 
